@@ -1,0 +1,138 @@
+"""Where min-dalle's weight files live, and strict, code-free loading of them.
+
+Layout under models_root (min-dalle's):
+    dalle_bart_mini/ or dalle_bart_mega/   vocab.json, merges.txt, encoder.pt, decoder.pt,
+                                            and optionally config.json (ModelConfig fields)
+    vqgan/                                  detoker.pt
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from model.errors import WeightsFormatError
+
+logger = logging.getLogger(__name__)
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+# DALL·E Mini/Mega were trained with NormFormer layer norms that have no scale where a dense layer
+# follows (dalle-mini's force_ln_scale=False), so the published files have no `.weight` for them.
+# Such a norm's weight is exactly 1. Any other missing tensor is an error.
+SCALE_FREE_NORMS = (
+    "pre_self_attn_layer_norm",
+    "pre_encoder_attn_layer_norm",
+    "glu.ln0",
+    "glu.ln1",
+    "final_ln",
+)
+
+
+def is_scale_free_norm_weight(key: str) -> bool:
+    return any(
+        key == f"{norm}.weight" or key.endswith(f".{norm}.weight") for norm in SCALE_FREE_NORMS
+    )
+
+
+@dataclass(frozen=True)
+class WeightPaths:
+    models_root: Path
+    is_mega: bool
+
+    @property
+    def model_name(self) -> str:
+        return "mega" if self.is_mega else "mini"
+
+    @property
+    def dalle_dir(self) -> Path:
+        return Path(self.models_root) / f"dalle_bart_{self.model_name}"
+
+    @property
+    def vqgan_dir(self) -> Path:
+        return Path(self.models_root) / "vqgan"
+
+    @property
+    def vocab(self) -> Path:
+        return self.dalle_dir / "vocab.json"
+
+    @property
+    def merges(self) -> Path:
+        return self.dalle_dir / "merges.txt"
+
+    @property
+    def encoder(self) -> Path:
+        return self.dalle_dir / "encoder.pt"
+
+    @property
+    def decoder(self) -> Path:
+        return self.dalle_dir / "decoder.pt"
+
+    @property
+    def config(self) -> Path:
+        return self.dalle_dir / "config.json"
+
+    @property
+    def detoker(self) -> Path:
+        return self.vqgan_dir / "detoker.pt"
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Read a .pt state dict with weights_only=True: tensors and plain containers, never code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, …
+        raise WeightsFormatError(
+            f"cannot read {path}: {err}. The file is truncated, corrupted, or not a weights-only "
+            f"state dict; delete it and download it again."
+        ) from err
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items()
+    ):
+        raise WeightsFormatError(f"{path} does not hold a state dict of named tensors")
+    return state
+
+
+def load_module(
+    build: Callable[[], ModuleT], path: Path, device: torch.device, dtype: torch.dtype
+) -> ModuleT:
+    """Build a module without allocating it, fill it from `path`, and move it to device and dtype.
+
+    Every parameter must be in the file with its exact shape (except scale-free norm weights,
+    which are 1), and the file may hold nothing else.
+    """
+    with torch.device("meta"):
+        module = build()
+    expected = module.state_dict()
+    state = read_state_dict(path)
+
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise WeightsFormatError(
+            f"{path} has unexpected tensor {unexpected[0]!r}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + "; it does not belong to this model. Check is_mega and config.json."
+        )
+    for key, meta in expected.items():
+        if key not in state:
+            if not is_scale_free_norm_weight(key):
+                raise WeightsFormatError(
+                    f"{path} is missing tensor {key!r} (shape {tuple(meta.shape)})"
+                )
+            state[key] = torch.ones(meta.shape)
+        elif state[key].shape != meta.shape:
+            raise WeightsFormatError(
+                f"{path}: tensor {key!r} has shape {tuple(state[key].shape)}, expected "
+                f"{tuple(meta.shape)}. Check is_mega and config.json."
+            )
+    module.load_state_dict(state, strict=True, assign=True)
+    logger.debug("loaded %s", path)
+    return module.to(device=device, dtype=dtype).eval()
