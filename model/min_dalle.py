@@ -19,6 +19,7 @@ from torch import Tensor
 from model import download
 from model.bart import DalleBartDecoder, DalleBartEncoder, TextContext
 from model.config import ModelConfig
+from model.errors import ModelError
 from model.generate import SamplingSettings, StepCallback, decode_image_tokens
 from model.tokenizer import TextTokenizer, text_tokens
 from model.vqgan import PIXELS_PER_SIDE, VQGanDetokenizer
@@ -51,6 +52,8 @@ class MinDalle:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} was asked for, but torch finds no CUDA GPU")
         self.dtype = dtype
         self.is_mega = is_mega
         self.is_reusable = is_reusable

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from model.config import ModelConfig
 
@@ -50,19 +52,33 @@ def _offline_get(url: str, *args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"min-dalle tried to download {url}")
 
 
-def reference_tokens_and_grids(model: Any, **kwargs: Any) -> tuple[list[torch.Tensor], list[Any]]:
-    """Run the reference's image stream; return each frame's image tokens, and the frames."""
-    tokens: list[torch.Tensor] = []
-    detokenize = model.image_grid_from_tokens
+@dataclass
+class ReferenceRun:
+    text_tokens: torch.Tensor  # (2, 64) the encoder's input rows
+    encoder_state: torch.Tensor  # (2, 64, E)
+    image_tokens: list[torch.Tensor]  # (N, 256) behind each frame
+    frames: list[Image.Image]
 
-    def spy(image_tokens: torch.Tensor, **spy_kwargs: Any) -> torch.Tensor:
-        tokens.append(image_tokens.clone())
+
+def run_reference(model: Any, **kwargs: Any) -> ReferenceRun:
+    """Run the reference's generate_image_stream, recording what went in and out of its stages."""
+    seen: dict[str, torch.Tensor] = {}
+    token_frames: list[torch.Tensor] = []
+    encode, detokenize = model.encoder.forward, model.image_grid_from_tokens
+
+    def encoder_spy(text_tokens: torch.Tensor) -> torch.Tensor:
+        seen["text_tokens"] = text_tokens.clone()
+        seen["encoder_state"] = encode(text_tokens).clone()
+        return seen["encoder_state"]
+
+    def detokenize_spy(image_tokens: torch.Tensor, **spy_kwargs: Any) -> torch.Tensor:
+        token_frames.append(image_tokens.clone())
         return detokenize(image_tokens=image_tokens, **spy_kwargs)
 
-    model.image_grid_from_tokens = spy
+    model.encoder.forward, model.image_grid_from_tokens = encoder_spy, detokenize_spy
     try:
         with torch.no_grad():
             frames = list(model.generate_image_stream(**kwargs))
     finally:
-        del model.image_grid_from_tokens
-    return tokens, frames
+        del model.encoder.forward, model.image_grid_from_tokens
+    return ReferenceRun(seen["text_tokens"], seen["encoder_state"], token_frames, frames)
