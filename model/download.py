@@ -120,6 +120,7 @@ def download_file(
             unit_divisor=1024,
             disable=not show_progress,
             file=sys.stderr,
+            delay=0.5,  # a download that fails at once should print only its error
         ) as bar,
     ):
         total = _download_with_retries(session, url, part, destination, timeout, bar)
