@@ -1,0 +1,393 @@
+"""The job contract shared by the API and the workers: parameters, status, ids, records, keys.
+
+Torch-free and service-free (stdlib only), so the API can import it without loading the model.
+
+    InvalidParams(ValueError)   a request body is not valid JobParams; `.errors` lists every
+                                problem as a FieldError(field, message)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import random
+import re
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from model.tokenizer import TextTokenizer
+
+# ModelConfig.text_token_count for both presets; a copy, so this module needs no model import.
+TEXT_TOKEN_COUNT = 64
+# ModelConfig's IMAGE_TOKEN_COUNT: one progress step per decoded image token.
+PROGRESS_TOTAL = 256
+
+SEED_RANDOM = -1
+SEED_MAX = 2**31 - 1
+# As in the model (and min-dalle), a seed <= 0 means "random": -1 and 0 are both accepted and
+# replaced by a drawn seed from SEED_MIN_FIXED up, so the recorded seed always reproduces.
+SEED_MIN_FIXED = 1
+# Above 100 the distribution is uniform for all practical purposes; 0 would divide by zero.
+TEMPERATURE_MAX = 100.0
+# The VQGAN has 2**14 codes, so a larger top_k samples from the same set.
+TOP_K_MAX = 2**14
+# 0 ignores the text, 1 is plain conditioning, min-dalle's UI offered 4..64 (default 16);
+# past 128 the logits saturate and nothing changes but numerical trouble.
+SUPERCONDITION_FACTOR_RANGE = (0.0, 128.0)
+MODELS = ("mini", "mega")
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+# Status only moves forward, with one exception: running → queued is a requeue, when a worker
+# dies or retries and the broker redelivers the job. Terminal states never change, and a status
+# never "moves" to itself (progress updates do not change the status).
+_NEXT_STATUSES: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
+    ),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELED: frozenset(),
+}
+
+
+def can_move(from_status: JobStatus | str, to_status: JobStatus | str) -> bool:
+    """Whether a job may go from `from_status` to `to_status` (see _NEXT_STATUSES)."""
+    return JobStatus(to_status) in _NEXT_STATUSES[JobStatus(from_status)]
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """What to render. Build it with `parse_params` from an untrusted body."""
+
+    text: str
+    seed: int = SEED_RANDOM
+    grid_size: int = 1
+    is_seamless: bool = False
+    temperature: float = 1.0
+    top_k: int = 256
+    supercondition_factor: float = 16.0
+    model: str = "mini"
+    progressive_outputs: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PARAM_FIELDS = tuple(field.name for field in dataclasses.fields(JobParams))
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    message: str
+
+
+class InvalidParams(ValueError):
+    """A request body is not valid JobParams; `errors` lists every problem found."""
+
+    def __init__(self, errors: list[FieldError]):
+        super().__init__("; ".join(error.message for error in errors))
+        self.errors = errors
+
+
+def parse_params(body: object, *, max_grid_size: int = 8, max_text_chars: int = 1000) -> JobParams:
+    """Validate a decoded JSON body into JobParams, filling defaults.
+
+    Strict: bools are not numbers, 3.0 is not an integer, null is not a default, and unknown
+    fields are refused. Raises InvalidParams listing every error, not just the first.
+    """
+    if not isinstance(body, Mapping):
+        raise InvalidParams(
+            [FieldError("body", f"the body must be a JSON object, got {_describe(body)}")]
+        )
+    errors: list[FieldError] = []
+    for name in body:
+        if name not in PARAM_FIELDS:
+            errors.append(FieldError(str(name), _unknown_field_message(name)))
+
+    values: dict[str, Any] = {}
+
+    def check(name: str, is_valid: bool, expected: str) -> None:
+        if is_valid:
+            values[name] = body[name]
+        else:
+            errors.append(
+                FieldError(name, f"{name} must be {expected}, got {_describe(body[name])}")
+            )
+
+    if "text" not in body:
+        errors.append(FieldError("text", "text is required: the prompt to draw"))
+    elif not isinstance(body["text"], str):
+        check("text", False, "a string")
+    elif not body["text"].strip():
+        errors.append(FieldError("text", "text must not be blank"))
+    elif len(body["text"]) > max_text_chars:
+        errors.append(
+            FieldError(
+                "text",
+                f"text must be at most {max_text_chars} characters, got {len(body['text'])}",
+            )
+        )
+    else:
+        values["text"] = body["text"]
+
+    if "seed" in body:
+        seed = body["seed"]
+        check(
+            "seed",
+            _is_int(seed) and SEED_RANDOM <= seed <= SEED_MAX,
+            f"an integer from {SEED_RANDOM} to {SEED_MAX} (0 or -1: random)",
+        )
+    if "grid_size" in body:
+        grid_size = body["grid_size"]
+        check(
+            "grid_size",
+            _is_int(grid_size) and 1 <= grid_size <= max_grid_size,
+            f"an integer from 1 to {max_grid_size}",
+        )
+    for name in ("is_seamless", "progressive_outputs"):
+        if name in body:
+            check(name, isinstance(body[name], bool), "true or false")
+    if "temperature" in body:
+        temperature = body["temperature"]
+        check(
+            "temperature",
+            _is_number(temperature) and 0 < temperature <= TEMPERATURE_MAX,
+            f"a number greater than 0 and at most {TEMPERATURE_MAX:g}",
+        )
+    if "top_k" in body:
+        top_k = body["top_k"]
+        check(
+            "top_k", _is_int(top_k) and 1 <= top_k <= TOP_K_MAX, f"an integer from 1 to {TOP_K_MAX}"
+        )
+    if "supercondition_factor" in body:
+        factor = body["supercondition_factor"]
+        low, high = SUPERCONDITION_FACTOR_RANGE
+        check(
+            "supercondition_factor",
+            _is_number(factor) and low <= factor <= high,
+            f"a number from {low:g} to {high:g}",
+        )
+    if "model" in body:
+        check("model", body["model"] in MODELS, " or ".join(f'"{model}"' for model in MODELS))
+
+    if errors:
+        raise InvalidParams(errors)
+    # Floats stay floats whether the client wrote 1 or 1.0, so fingerprints agree.
+    for name in ("temperature", "supercondition_factor"):
+        if name in values:
+            values[name] = float(values[name])
+    return JobParams(**values)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _unknown_field_message(name: object) -> str:
+    if not isinstance(name, str):
+        return f"unknown field {_describe(name)}; field names are strings"
+    close = difflib.get_close_matches(name, PARAM_FIELDS, n=1)
+    if close:
+        return f"unknown field {name!r}; did you mean {close[0]!r}?"
+    return f"unknown field {name!r}; known fields are {', '.join(PARAM_FIELDS)}"
+
+
+def _describe(value: object) -> str:
+    """A value as the client wrote it in JSON, cut short if long."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):  # not JSON, or an int too long to print
+        return type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def text_token_warning(
+    text: str, tokenizer: TextTokenizer, text_token_count: int = TEXT_TOKEN_COUNT
+) -> str | None:
+    """A warning for the client when the model will cut the text short, else None.
+
+    The count includes the <s> and </s> tokens, as the model sees them.
+    """
+    token_count = len(tokenizer.tokenize(text))
+    if token_count <= text_token_count:
+        return None
+    return (
+        f"the text is {token_count} tokens long; the model reads only the first {text_token_count}"
+    )
+
+
+def resolve_seed(params: JobParams, rng: random.Random | None = None) -> JobParams:
+    """Replace a random seed (<= 0) with a drawn one, so the seed actually used is recorded."""
+    if params.seed >= SEED_MIN_FIXED:
+        return params
+    rng = rng if rng is not None else random.SystemRandom()
+    return dataclasses.replace(params, seed=rng.randint(SEED_MIN_FIXED, SEED_MAX))
+
+
+def params_fingerprint(params_body: JobParams | Mapping[str, object]) -> str:
+    """sha256 (hex) of the canonical JSON of the validated params, defaults filled, seed as given.
+
+    Same Idempotency-Key + same fingerprint → same job; a different fingerprint → conflict. A
+    body is validated with parse_params' default limits (InvalidParams if it fails); pass the
+    JobParams you already parsed to use other limits.
+    """
+    params = params_body if isinstance(params_body, JobParams) else parse_params(params_body)
+    fields = params.to_dict()
+    for name in ("temperature", "supercondition_factor"):
+        fields[name] = float(fields[name])
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf8")).hexdigest()
+
+
+# Storage layout: jobs/{id}/job.json, jobs/{id}/grid.png, and one jobs/{id}/{i}.png per tile.
+
+
+def result_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def grid_key(job_id: str) -> str:
+    return f"{result_prefix(job_id)}/grid.png"
+
+
+def image_key(job_id: str, i: int) -> str:
+    """The key of tile file `i` (row-major on the grid image, see tile_index)."""
+    return f"{result_prefix(job_id)}/{i}.png"
+
+
+def job_json_key(job_id: str) -> str:
+    return f"{result_prefix(job_id)}/job.json"
+
+
+def tile_index(row: int, col: int, grid_size: int) -> int:
+    """The file index of the tile at (row, col): tiles are numbered row-major from 0.
+
+    The model yields images column-major instead (its image a·g + b sits at tile row b,
+    column a), so use model_image_for_tile to find which model image fills a tile.
+    """
+    if not (0 <= row < grid_size and 0 <= col < grid_size):
+        raise ValueError(f"tile ({row}, {col}) is outside a {grid_size}×{grid_size} grid")
+    return row * grid_size + col
+
+
+def model_image_for_tile(i: int, grid_size: int) -> int:
+    """The index, in the model's output order, of the image shown as tile file `i`."""
+    if not 0 <= i < grid_size**2:
+        raise ValueError(f"tile {i} is outside a {grid_size}×{grid_size} grid")
+    row, col = divmod(i, grid_size)
+    return col * grid_size + row
+
+
+# A job id is 32 lowercase hex digits: 12 for the creation time in milliseconds since the Unix
+# epoch (48 bits, enough until the year 10889), then 20 random (80 bits). Fixed width, so ids
+# sort as strings by creation time (ids made in the same millisecond sort in random order).
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def new_job_id(timestamp_ms: int | None = None) -> str:
+    """A new URL-safe job id that sorts by creation time (now, unless `timestamp_ms` is given)."""
+    if timestamp_ms is None:
+        timestamp_ms = time.time_ns() // 1_000_000
+    if not 0 <= timestamp_ms < 2**48:
+        raise ValueError(f"timestamp_ms must fit in 48 bits, got {timestamp_ms}")
+    return f"{timestamp_ms:012x}{secrets.token_hex(10)}"
+
+
+def is_job_id(value: object) -> bool:
+    """Whether `value` looks like a new_job_id() id (check ids from URLs before using them)."""
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
+
+
+def job_id_timestamp_ms(job_id: str) -> int:
+    """The creation time encoded in a job id, in milliseconds since the Unix epoch."""
+    if not is_job_id(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return int(job_id[:12], 16)
+
+
+def utc_now() -> str:
+    """Now as ISO-8601 UTC with milliseconds, the format of JobRecord times."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class JobRecord:
+    """A job as stored (Redis, job.json) and shown by the API. Times are ISO-8601 UTC strings."""
+
+    id: str
+    owner: str  # the id of the API key that created the job
+    status: JobStatus
+    params: dict[str, Any]
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress_step: int = 0
+    progress_total: int = PROGRESS_TOTAL
+    worker: str | None = None
+    error: str | None = None
+    attempts: int = 0  # how many times a worker has started this job
+    cancel_requested: bool = False
+    # Storage keys, set when the objects exist: {"grid": key, "images": [key, ...],
+    # "previews": [key, ...]} (previews only with progressive_outputs).
+    result: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only."""
+        fields = dataclasses.asdict(self)
+        fields["status"] = self.status.value
+        return fields
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> JobRecord:
+        """The inverse of to_dict. Unknown keys are ignored, so a newer writer's record loads."""
+        required = ("id", "owner", "status", "params", "created_at")
+        missing = [name for name in required if name not in fields]
+        if missing:
+            raise ValueError(f"job record is missing {', '.join(missing)}")
+        known = {field.name for field in dataclasses.fields(cls)}
+        values = {name: value for name, value in fields.items() if name in known}
+        values["status"] = JobStatus(values["status"])
+        values["params"] = dict(values["params"])
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> JobRecord:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,23 @@
+"""How a job id reaches a worker.
+
+    CeleryJobQueue   distributed: a Celery task message in Redis (worker/celery_app.py)
+    SqliteJobQueue   embedded `serve`: a leased row in the same SQLite file as the store
+
+Both carry only the job id; the record lives in the JobStore.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class JobQueue(Protocol):
+    def enqueue(self, job_id: str) -> None: ...
+
+    def depth(self) -> int:
+        """Messages waiting to be taken (for /metrics)."""
+        ...
+
+    def check(self) -> None:
+        """Raise worker.store.StoreUnavailable when the queue cannot be reached (for /readyz)."""
+        ...

@@ -1,0 +1,104 @@
+"""Farm settings, read once from the environment and passed down (API, workers, CLI).
+
+DALLE_FARM_REDIS_URL          Redis for the queue and job records; unset: embedded mode
+DALLE_FARM_S3_ENDPOINT_URL    S3-compatible endpoint (MinIO, R2, ...); unset: AWS
+DALLE_FARM_S3_BUCKET          bucket for results, created if missing (default dalle-farm)
+DALLE_FARM_URL_EXPIRY_S       lifetime of presigned result URLs, at most 3600 (default 3600)
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION   S3 credentials (boto3's own)
+DALLE_FARM_MODELS_ROOT        weight files (default pretrained)
+DALLE_FARM_MODEL              mini or mega: the model a worker serves (default mini)
+DALLE_FARM_DEVICE             cpu, cuda, cuda:N or auto (default auto)
+DALLE_FARM_DTYPE              float32, float16, bfloat16 or auto: bfloat16 on a GPU,
+                              float32 on the CPU (default auto)
+DALLE_FARM_DATA_DIR           embedded mode's database and result files (default
+                              ./dalle-farm-data)
+DALLE_FARM_MAX_GRID_SIZE      largest grid_size a job may ask for (default 8)
+DALLE_FARM_MAX_ATTEMPTS       a job that crashed workers this many times fails (default 3)
+DALLE_FARM_VISIBILITY_TIMEOUT_S  seconds before Redis hands an unacknowledged job to another
+                              worker after its worker vanished (default 60)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+MODELS = ("mini", "mega")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class SettingsError(ValueError):
+    """An environment variable has an invalid value; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    url_expiry_s: int = 3600
+    models_root: Path = Path("pretrained")
+    model: str = "mini"
+    device: str = "auto"
+    dtype: str = "auto"
+    data_dir: Path = Path("dalle-farm-data")
+    max_grid_size: int = 8
+    max_attempts: int = 3
+    visibility_timeout_s: int = 60
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.redis_url is None
+
+    @property
+    def uses_s3(self) -> bool:
+        return self.s3_bucket is not None or self.s3_endpoint_url is not None
+
+    def queue_name(self, model: str | None = None) -> str:
+        """Each model has its queue, so a Mega job only reaches workers that hold Mega."""
+        return f"dalle-farm.{model or self.model}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        def get(name: str) -> str | None:
+            value = environ.get(f"DALLE_FARM_{name}", "").strip()
+            return value or None
+
+        def integer(name: str, default: int, low: int, high: int) -> int:
+            value = get(name)
+            if value is None:
+                return default
+            try:
+                number = int(value)
+            except ValueError:
+                raise SettingsError(
+                    f"DALLE_FARM_{name} must be an integer, got {value!r}"
+                ) from None
+            if not low <= number <= high:
+                raise SettingsError(f"DALLE_FARM_{name} must be from {low} to {high}, got {number}")
+            return number
+
+        def choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+            value = get(name) or default
+            if value not in choices:
+                raise SettingsError(
+                    f"DALLE_FARM_{name} must be one of {', '.join(choices)}, got {value!r}"
+                )
+            return value
+
+        return cls(
+            redis_url=get("REDIS_URL"),
+            s3_endpoint_url=get("S3_ENDPOINT_URL"),
+            s3_bucket=get("S3_BUCKET"),
+            url_expiry_s=integer("URL_EXPIRY_S", 3600, 1, 3600),
+            models_root=Path(get("MODELS_ROOT") or "pretrained"),
+            model=choice("MODEL", "mini", MODELS),
+            device=get("DEVICE") or "auto",
+            dtype=choice("DTYPE", "auto", DTYPES),
+            data_dir=Path(get("DATA_DIR") or "dalle-farm-data"),
+            max_grid_size=integer("MAX_GRID_SIZE", 8, 1, 16),
+            max_attempts=integer("MAX_ATTEMPTS", 3, 1, 100),
+            visibility_timeout_s=integer("VISIBILITY_TIMEOUT_S", 60, 5, 86400),
+        )

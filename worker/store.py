@@ -1,0 +1,143 @@
+"""The state the API and the workers share: job records, API keys, leases and farm counters.
+
+One contract, two backends:
+    RedisJobStore    the distributed farm (DALLE_FARM_REDIS_URL)        worker/store_redis.py
+    SqliteJobStore   the embedded `dalle-farm serve` (a file in DALLE_FARM_DATA_DIR)
+                                                                          worker/store_sqlite.py
+
+Errors:
+    StoreError
+    ├── StoreUnavailable       the backend cannot be reached (readyz reports it)
+    ├── JobNotFound            no job with that id
+    └── IdempotencyConflict    an Idempotency-Key was reused with a different body
+
+Every state change goes through `transition`, which applies worker.job.can_move atomically
+(compare-and-set), so a job's state only moves forward even with duplicate deliveries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker.job import JobRecord, JobStatus
+
+# Upper bounds (seconds) of the job-duration histogram on /metrics.
+DURATION_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+# A worker whose last heartbeat is older than this is not counted as alive.
+WORKER_ALIVE_S = 30.0
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached."""
+
+
+class JobNotFound(StoreError):
+    """No job has that id."""
+
+
+class IdempotencyConflict(StoreError):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str  # public, short; jobs record it as their owner
+    name: str
+    created_at: str
+    revoked: bool = False
+
+
+@dataclass
+class MetricsSnapshot:
+    jobs_by_status: dict[str, int]  # every JobStatus value, 0 when none
+    duration_bucket_counts: list[int]  # cumulative counts per DURATION_BUCKETS_S bound, then +Inf
+    duration_sum_s: float
+    duration_count: int
+    images_generated: int
+    workers_alive: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class JobStore(Protocol):
+    # -- API keys: only a hash of each secret is stored; the secret is shown once ----------
+    def create_key(self, name: str) -> tuple[ApiKey, str]:
+        """A new key named `name` and its secret (e.g. "dfk_<id>_<random>")."""
+        ...
+
+    def list_keys(self) -> list[ApiKey]: ...
+
+    def revoke_key(self, id_or_name: str) -> bool:
+        """Revoke by id or name; False when there is no such key."""
+        ...
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        """The key whose secret this is, unless unknown or revoked (constant-time compare)."""
+        ...
+
+    # -- jobs ----------------------------------------------------------------------------
+    def create_job(
+        self, record: JobRecord, idempotency_key: str | None = None, fingerprint: str | None = None
+    ) -> tuple[JobRecord, bool]:
+        """Store a new queued job; returns (record, created).
+
+        With an idempotency key (scoped to record.owner), a second call with the same key and
+        fingerprint returns the first job and created=False; another fingerprint raises
+        IdempotencyConflict. Atomic under concurrent calls.
+        """
+        ...
+
+    def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    def list_jobs(
+        self,
+        owner: str,
+        status: JobStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[JobRecord], str | None]:
+        """The owner's jobs, newest first, and the cursor of the next page (None: no more)."""
+        ...
+
+    def transition(self, job_id: str, to: JobStatus, **fields: Any) -> JobRecord | None:
+        """Move the job to `to` and set `fields` (JobRecord attributes) atomically, if
+        worker.job.can_move(current, to); otherwise change nothing and return None.
+        Raises JobNotFound for an unknown id."""
+        ...
+
+    def update(self, job_id: str, **fields: Any) -> JobRecord:
+        """Set JobRecord attributes other than status (progress, result, attempts, ...)."""
+        ...
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """A queued job becomes canceled at once; a running one gets cancel_requested=True
+        (its worker stops at the next decoder step). Terminal jobs are returned unchanged."""
+        ...
+
+    # -- leases: a running job's worker renews its lease; an expired lease means the worker died
+    def renew_lease(self, job_id: str, worker: str, ttl_s: float) -> bool:
+        """Take or extend the lease; False if another live worker holds it."""
+        ...
+
+    def release_lease(self, job_id: str, worker: str) -> None: ...
+
+    def lease_holder(self, job_id: str) -> str | None: ...
+
+    # -- counters for /metrics -------------------------------------------------------------
+    def observe_finished(self, status: JobStatus, duration_s: float, images: int) -> None:
+        """Count a finished job's duration in the histogram and its images."""
+        ...
+
+    def worker_heartbeat(self, worker: str) -> None: ...
+
+    def metrics(self) -> MetricsSnapshot: ...
+
+    def check(self) -> None:
+        """Raise StoreUnavailable when the backend cannot be reached (for /readyz)."""
+        ...
+
+    def close(self) -> None: ...
