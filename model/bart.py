@@ -17,6 +17,34 @@ from torch import Tensor, nn
 from model.config import IMAGE_TOKEN_COUNT, ModelConfig
 from model.tokenizer import PAD_TOKEN_ID
 
+# Output rows per block of a CPU matrix product with few input rows (see `linear`).
+CPU_BLOCK_ROWS = 256
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T, with a CPU path that suits decoding's products of a few rows.
+
+    With 3 to 64 input rows, MKL's float32 GEMM repacks the whole weight on every call and
+    streams it at about half the memory bandwidth it reaches with 2 rows. Multiplying by blocks
+    of CPU_BLOCK_ROWS output rows keeps each block's repacking in cache (measured on the Mini
+    decoder step with 8 rows, a 2×2 grid: 71 ms → 56 ms). Other shapes and devices take the
+    plain path.
+    """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type == "cpu" and 2 < rows <= 64:
+        return torch.cat([F.linear(x, block) for block in weight.split(CPU_BLOCK_ROWS)], dim=-1)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (min-dalle's parameter names) computed with `linear`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight)
+
 
 class GLU(nn.Module):
     """NormFormer-style gated feed-forward block: LN → (GELU(fc0) · fc1) → LN → fc2."""
@@ -25,9 +53,9 @@ class GLU(nn.Module):
         super().__init__()
         self.ln0 = nn.LayerNorm(embed_count)
         self.ln1 = nn.LayerNorm(glu_embed_count)
-        self.fc0 = nn.Linear(embed_count, glu_embed_count, bias=False)
-        self.fc1 = nn.Linear(embed_count, glu_embed_count, bias=False)
-        self.fc2 = nn.Linear(glu_embed_count, embed_count, bias=False)
+        self.fc0 = Linear(embed_count, glu_embed_count)
+        self.fc1 = Linear(embed_count, glu_embed_count)
+        self.fc2 = Linear(glu_embed_count, embed_count)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.ln0(x)
@@ -41,10 +69,10 @@ class Attention(nn.Module):
     def __init__(self, embed_count: int, head_count: int):
         super().__init__()
         self.head_count = head_count
-        self.k_proj = nn.Linear(embed_count, embed_count, bias=False)
-        self.v_proj = nn.Linear(embed_count, embed_count, bias=False)
-        self.q_proj = nn.Linear(embed_count, embed_count, bias=False)
-        self.out_proj = nn.Linear(embed_count, embed_count, bias=False)
+        self.k_proj = Linear(embed_count, embed_count)
+        self.v_proj = Linear(embed_count, embed_count)
+        self.q_proj = Linear(embed_count, embed_count)
+        self.out_proj = Linear(embed_count, embed_count)
 
     def split_heads(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
@@ -221,4 +249,4 @@ class DalleBartDecoder(nn.Module):
             x = layer(x, position, cache, keys, values, text.attention_mask)
         x = self.final_ln(x[:, 0])
         # Only the VQGAN's codes can be sampled; the remaining rows of lm_head are never read.
-        return F.linear(x, self.lm_head.weight[:code_count])
+        return linear(x, self.lm_head.weight[:code_count])
