@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 PROG = "dalle-farm"
-SUBCOMMANDS = ("cli.generate",)
+SUBCOMMANDS = ("cli.generate", "cli.api", "cli.worker", "cli.serve", "cli.keys")
 
 EXIT_ERROR = 1
 # Exit status of a process stopped by Ctrl-C, by the shell's 128 + SIGINT convention.

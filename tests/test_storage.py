@@ -159,6 +159,21 @@ def test_presigned_url_serves_the_bytes_and_expires_within_an_hour(
     assert fetch(url) == PNG_BYTES
 
 
+def test_presigned_url_names_the_public_endpoint(s3_storage: S3Storage, s3_endpoint: str) -> None:
+    # The farm uploads through one address; clients fetch through another that reaches the same
+    # server (here "localhost" instead of "127.0.0.1"), and the signature must hold for it.
+    public = s3_endpoint.replace("127.0.0.1", "localhost")
+    assert public != s3_endpoint
+    storage = S3Storage(s3_storage.bucket, endpoint_url=s3_endpoint, public_endpoint_url=public)
+    try:
+        storage.put("jobs/abc123/grid.png", PNG_BYTES, "image/png")
+        url = storage.url("jobs/abc123/grid.png")
+        assert url.startswith(f"{public}/{s3_storage.bucket}/jobs/abc123/grid.png?")
+        assert fetch(url) == PNG_BYTES
+    finally:
+        storage.close()
+
+
 def test_url_expiry_follows_the_setting(s3_endpoint: str) -> None:
     storage = S3Storage("any-bucket", endpoint_url=s3_endpoint, url_expiry_s=600)
     try:

@@ -290,6 +290,11 @@ def image_key(job_id: str, i: int) -> str:
     return f"{result_prefix(job_id)}/{i}.png"
 
 
+def preview_key(job_id: str, frame: int) -> str:
+    """The key of progressive preview `frame` (from 1): the whole grid at that decoder frame."""
+    return f"{result_prefix(job_id)}/previews/{frame}.png"
+
+
 def job_json_key(job_id: str) -> str:
     return f"{result_prefix(job_id)}/job.json"
 

@@ -12,7 +12,9 @@ from typing import Protocol
 
 
 class JobQueue(Protocol):
-    def enqueue(self, job_id: str) -> None: ...
+    def enqueue(self, job_id: str, model: str | None = None) -> None:
+        """Queue the job for a worker that serves `model` (None: look it up or use the default)."""
+        ...
 
     def depth(self) -> int:
         """Messages waiting to be taken (for /metrics)."""

@@ -2,6 +2,8 @@
 
 DALLE_FARM_REDIS_URL          Redis for the queue and job records; unset: embedded mode
 DALLE_FARM_S3_ENDPOINT_URL    S3-compatible endpoint (MinIO, R2, ...); unset: AWS
+DALLE_FARM_S3_PUBLIC_URL      the S3 endpoint as clients reach it, for presigned URLs
+                              (default: DALLE_FARM_S3_ENDPOINT_URL)
 DALLE_FARM_S3_BUCKET          bucket for results, created if missing (default dalle-farm)
 DALLE_FARM_URL_EXPIRY_S       lifetime of presigned result URLs, at most 3600 (default 3600)
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION   S3 credentials (boto3's own)
@@ -38,6 +40,7 @@ class Settings:
     redis_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
+    s3_public_url: str | None = None
     url_expiry_s: int = 3600
     models_root: Path = Path("pretrained")
     model: str = "mini"
@@ -92,6 +95,7 @@ class Settings:
             redis_url=get("REDIS_URL"),
             s3_endpoint_url=get("S3_ENDPOINT_URL"),
             s3_bucket=get("S3_BUCKET"),
+            s3_public_url=get("S3_PUBLIC_URL"),
             url_expiry_s=integer("URL_EXPIRY_S", 3600, 1, 3600),
             models_root=Path(get("MODELS_ROOT") or "pretrained"),
             model=choice("MODEL", "mini", MODELS),

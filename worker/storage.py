@@ -8,6 +8,8 @@ Configuration (read by `storage_from_env`):
 - `DALLE_FARM_S3_BUCKET`: bucket name (default "dalle-farm" when S3 is in use).
 - `DALLE_FARM_S3_ENDPOINT_URL`: endpoint of an S3-compatible store, e.g. "http://minio:9000" or
   "https://<account>.r2.cloudflarestorage.com"; unset means AWS S3 itself.
+- `DALLE_FARM_S3_PUBLIC_URL`: the endpoint that clients reach, when it differs from the farm's
+  own (default: the same); presigned URLs are signed for it.
 - `DALLE_FARM_URL_EXPIRY_S`: lifetime of presigned image URLs in seconds, 1 to 3600 (default 3600).
 - `DALLE_FARM_DATA_DIR`: used only when both S3 variables above are unset; images are then stored
   under `<DALLE_FARM_DATA_DIR>/files` (default "./dalle-farm-data") and served by the API.
@@ -93,6 +95,7 @@ class S3Storage:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 30.0,
         client: S3Client | None = None,
+        public_endpoint_url: str | None = None,
     ) -> None:
         if not 0 < url_expiry_s <= MAX_URL_EXPIRY_S:
             raise ValueError(
@@ -102,25 +105,35 @@ class S3Storage:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         self.bucket = bucket
         self.url_expiry_s = url_expiry_s
+        config = Config(
+            signature_version="s3v4",
+            # MinIO and R2 serve buckets by path, not by virtual host.
+            s3={"addressing_style": "path"},
+            # botocore's "max_attempts" counts retries only; "total_max_attempts" includes the
+            # first try, which is what our max_attempts means.
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            # botocore >= 1.36 sends CRC checksums by default, which MinIO and R2 reject.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # A session of its own: boto3's default session is not safe to share across threads.
+        session = boto3.session.Session()
         if client is None:
-            config = Config(
-                signature_version="s3v4",
-                # MinIO and R2 serve buckets by path, not by virtual host.
-                s3={"addressing_style": "path"},
-                # botocore's "max_attempts" counts retries only; "total_max_attempts" includes the
-                # first try, which is what our max_attempts means.
-                retries={"total_max_attempts": max_attempts, "mode": "standard"},
-                connect_timeout=connect_timeout_s,
-                read_timeout=read_timeout_s,
-                # botocore >= 1.36 sends CRC checksums by default, which MinIO and R2 reject.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            # A session of its own: boto3's default session is not safe to share across threads.
-            client = boto3.session.Session().client(
+            client = session.client(
                 "s3", endpoint_url=endpoint_url, region_name=region, config=config
             )
         self.client = client
+        # Presigned URLs name the endpoint clients reach, which may differ from the one the farm
+        # uses inside its network (http://minio:9000 in docker-compose). Signing makes no request.
+        self.signer = (
+            client
+            if public_endpoint_url is None
+            else session.client(
+                "s3", endpoint_url=public_endpoint_url, region_name=region, config=config
+            )
+        )
 
     @property
     def endpoint(self) -> str:
@@ -171,7 +184,7 @@ class S3Storage:
     def url(self, key: str) -> str:
         """A presigned GET URL for `key`, valid for `url_expiry_s` seconds. Makes no request."""
         try:
-            return self.client.generate_presigned_url(
+            return self.signer.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.bucket, "Key": key},
                 ExpiresIn=self.url_expiry_s,
@@ -224,8 +237,10 @@ class S3Storage:
             raise self._unavailable("create", error) from error
 
     def close(self) -> None:
-        """Close the client's connection pool."""
+        """Close the clients' connection pools."""
         self.client.close()
+        if self.signer is not self.client:
+            self.signer.close()
 
 
 def _error_code(error: ClientError) -> str:
@@ -337,4 +352,5 @@ def storage_from_env(environ: Mapping[str, str] = os.environ) -> Storage:
         endpoint_url=endpoint_url,
         region=environ.get("AWS_DEFAULT_REGION") or None,
         url_expiry_s=url_expiry_s,
+        public_endpoint_url=environ.get("DALLE_FARM_S3_PUBLIC_URL") or None,
     )

@@ -1,0 +1,65 @@
+"""Who is calling: an API key sent as `Authorization: Bearer <secret>`, or, for the embedded
+`serve` bound to loopback, one anonymous owner that needs no key.
+
+The owner of a request is the id of its key (never the secret); jobs record it, and a caller only
+ever sees its own jobs.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from flask import Blueprint, g, request
+
+from api.problems import Problem
+from worker.store import JobStore
+
+_CHALLENGE = 'Bearer realm="dalle-farm"'
+
+
+def require_owner(blueprint: Blueprint, store: JobStore, anonymous_owner: str | None) -> None:
+    """Authenticate every request to `blueprint` before its view runs (401 problem if not)."""
+
+    @blueprint.before_request
+    def authenticate() -> None:
+        g.owner = anonymous_owner if anonymous_owner is not None else _key_owner(store)
+
+
+def current_owner() -> str:
+    """The owner of the current request; set by require_owner."""
+    owner: str = g.owner
+    return owner
+
+
+def _key_owner(store: JobStore) -> str:
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise _unauthorized(
+            "this request needs an API key: send it as 'Authorization: Bearer <key>' "
+            "(the farm's operator creates keys with the dalle-farm command)",
+            _CHALLENGE,
+        )
+    scheme, _, secret = header.strip().partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
+        raise _unauthorized(
+            "the Authorization header must be 'Bearer <key>'",
+            f'{_CHALLENGE}, error="invalid_request"',
+        )
+    key = store.authenticate(secret)
+    if key is None:
+        # One answer for unknown and revoked keys: it tells a guesser nothing.
+        raise _unauthorized(
+            "the API key is unknown or has been revoked; ask the farm's operator for a valid key",
+            f'{_CHALLENGE}, error="invalid_token"',
+        )
+    return key.id
+
+
+def _unauthorized(detail: str, challenge: str) -> Problem:
+    return Problem(
+        HTTPStatus.UNAUTHORIZED,
+        detail,
+        slug="unauthorized",
+        headers={"WWW-Authenticate": challenge},
+    )

@@ -1,0 +1,93 @@
+"""/metrics: the farm's state in Prometheus text, read from the store and queue at each scrape.
+
+Nothing is counted in the API process, so every gunicorn worker (and every API replica) answers
+the same numbers. Labels never carry a job id or a key: only a job status.
+
+    dalle_farm_jobs{status}                 gauge      jobs in each status
+    dalle_farm_queue_depth                  gauge      messages waiting for a worker
+    dalle_farm_job_duration_seconds         histogram  finished jobs' run time
+    dalle_farm_images_generated_total       counter    images rendered
+    dalle_farm_workers_alive                gauge      workers with a recent heartbeat
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, request
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from api.services import Services
+from worker.job import JobStatus
+from worker.queue import JobQueue
+from worker.store import DURATION_BUCKETS_S, JobStore
+
+
+class FarmCollector(Collector):
+    """Prometheus metric families from store.metrics() and queue.depth()."""
+
+    def __init__(self, store: JobStore, queue: JobQueue) -> None:
+        self.store = store
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.store.metrics()
+        depth = self.queue.depth()
+
+        jobs = GaugeMetricFamily("dalle_farm_jobs", "Jobs in each status.", labels=["status"])
+        # Every status and only those: a store's stray key must not become a label.
+        for status in JobStatus:
+            jobs.add_metric([status.value], snapshot.jobs_by_status.get(status.value, 0))
+        yield jobs
+
+        yield GaugeMetricFamily(
+            "dalle_farm_queue_depth", "Jobs waiting in the queue for a worker.", value=depth
+        )
+
+        bounds = [*(floatToGoString(bound) for bound in DURATION_BUCKETS_S), "+Inf"]
+        counts = snapshot.duration_bucket_counts
+        if len(counts) != len(bounds):
+            raise ValueError(
+                f"the store's duration histogram has {len(counts)} buckets, expected "
+                f"{len(bounds)} (DURATION_BUCKETS_S and +Inf)"
+            )
+        yield HistogramMetricFamily(
+            "dalle_farm_job_duration_seconds",
+            "Run time of finished jobs, from start to end.",
+            buckets=list(zip(bounds, counts, strict=True)),
+            sum_value=snapshot.duration_sum_s,
+        )
+
+        yield CounterMetricFamily(
+            "dalle_farm_images_generated",
+            "Images rendered by the farm's workers.",
+            value=snapshot.images_generated,
+        )
+        yield GaugeMetricFamily(
+            "dalle_farm_workers_alive",
+            "Workers that sent a heartbeat recently.",
+            value=snapshot.workers_alive,
+        )
+
+
+def create_blueprint(services: Services) -> Blueprint:
+    blueprint = Blueprint("metrics", __name__)
+    # A registry of its own: the global one would mix in other apps' (and tests') collectors.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FarmCollector(services.store, services.queue))
+
+    @blueprint.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus exposition, in the format the scraper's Accept header asks for."""
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return Response(encode(registry), headers={"Content-Type": content_type})
+
+    return blueprint

@@ -1,0 +1,348 @@
+"""/v1: submit, read, list and cancel jobs, and fetch result files kept on local disk.
+
+Every route needs the caller's API key (see api.auth), and a caller sees only its own jobs:
+another key's job answers 404, exactly as a job that does not exist.
+
+Cancel (DELETE /v1/jobs/{id}): a queued job is canceled at once and a running one is asked to
+stop at its worker's next decoder step (202, with the job); an already canceled job answers 200
+unchanged, so a retried DELETE succeeds; a succeeded or failed job cannot be canceled (409).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import json
+import logging
+import mimetypes
+from http import HTTPStatus
+from typing import Any, NoReturn
+
+from flask import Blueprint, Response, jsonify, request
+
+from api.auth import current_owner, require_owner
+from api.job_json import job_json
+from api.problems import Problem, redact, unavailable
+from api.services import Services
+from worker.job import (
+    FieldError,
+    InvalidParams,
+    JobParams,
+    JobRecord,
+    JobStatus,
+    is_job_id,
+    new_job_id,
+    params_fingerprint,
+    parse_params,
+    resolve_seed,
+    result_prefix,
+    text_token_warning,
+    utc_now,
+)
+from worker.settings import Settings
+from worker.storage import LocalStorage, ObjectNotFound
+from worker.store import IdempotencyConflict, JobNotFound
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 100
+LIST_QUERY_FIELDS = ("status", "cursor", "limit")
+
+
+def create_blueprint(
+    settings: Settings, services: Services, anonymous_owner: str | None
+) -> Blueprint:
+    """The /v1 routes, bound to `services`."""
+    blueprint = Blueprint("v1", __name__, url_prefix="/v1")
+    require_owner(blueprint, services.store, anonymous_owner)
+    views = JobViews(settings, services)
+    blueprint.add_url_rule("/jobs", view_func=views.submit_job, methods=["POST"])
+    blueprint.add_url_rule("/jobs", view_func=views.list_jobs, methods=["GET"])
+    blueprint.add_url_rule("/jobs/<job_id>", view_func=views.get_job, methods=["GET"])
+    blueprint.add_url_rule("/jobs/<job_id>", view_func=views.cancel_job, methods=["DELETE"])
+    blueprint.add_url_rule("/files/<path:key>", view_func=views.get_file, methods=["GET"])
+    return blueprint
+
+
+class JobViews:
+    def __init__(self, settings: Settings, services: Services) -> None:
+        self.settings = settings
+        self.store = services.store
+        self.storage = services.storage
+        self.queue = services.queue
+        self.tokenizer = services.tokenizer
+
+    def submit_job(self) -> Response:
+        """POST /v1/jobs: validate, record and enqueue a job (202), or replay an idempotent
+        submission (200)."""
+        idempotency_key = _idempotency_key()
+        try:
+            params = parse_params(_json_body(), max_grid_size=self.settings.max_grid_size)
+        except InvalidParams as error:
+            raise Problem(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                f"the job parameters are not valid: {error}",
+                slug="invalid-params",
+                errors=error.errors,
+            ) from None
+        record = JobRecord(
+            id=new_job_id(),
+            owner=current_owner(),
+            status=JobStatus.QUEUED,
+            params=resolve_seed(params).to_dict(),
+            created_at=utc_now(),
+        )
+        # The fingerprint takes the seed as sent, so a replay of a "random seed" body matches.
+        fingerprint = params_fingerprint(params) if idempotency_key is not None else None
+        try:
+            job, created = self.store.create_job(record, idempotency_key, fingerprint)
+        except IdempotencyConflict:
+            raise Problem(
+                HTTPStatus.CONFLICT,
+                f"the Idempotency-Key {idempotency_key!r} was used before with a different "
+                "body; send a new key for a new job, or the same body to get the first job",
+                slug="idempotency-conflict",
+            ) from None
+        if created:
+            self._enqueue(job)
+        body = job_json(job, self.storage)
+        warnings = self._warnings(params)
+        if warnings:
+            body["warnings"] = warnings
+        response = jsonify(body)
+        response.status_code = HTTPStatus.ACCEPTED if created else HTTPStatus.OK
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        if not created:
+            response.headers["Idempotent-Replayed"] = "true"
+        return response
+
+    def _enqueue(self, job: JobRecord) -> None:
+        try:
+            self.queue.enqueue(job.id, model=job.params.get("model"))
+        except Exception as error:
+            # A queued record that no message points to would wait forever: fail it instead.
+            logger.exception("could not enqueue job %s", job.id)
+            try:
+                self.store.transition(
+                    job.id,
+                    JobStatus.FAILED,
+                    error=f"the job could not be queued ({redact(error)}); submit it again",
+                    finished_at=utc_now(),
+                )
+            except Exception:
+                logger.exception("could not mark job %s failed; it stays queued", job.id)
+            raise unavailable("job queue", error) from error
+
+    def _warnings(self, params: JobParams) -> list[str]:
+        if self.tokenizer is None:
+            return []
+        warning = text_token_warning(params.text, self.tokenizer)
+        return [warning] if warning is not None else []
+
+    def get_job(self, job_id: str) -> Response:
+        """GET /v1/jobs/{id}."""
+        return jsonify(job_json(self._owned_job(job_id), self.storage))
+
+    def cancel_job(self, job_id: str) -> Response:
+        """DELETE /v1/jobs/{id}: see the module docstring for the answers."""
+        job = self._owned_job(job_id)
+        if job.status is JobStatus.CANCELED:
+            return jsonify(job_json(job, self.storage))
+        if not job.status.is_terminal:
+            try:
+                job = self.store.request_cancel(job_id)
+            except JobNotFound:
+                _job_not_found(job_id)
+        if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+            raise Problem(
+                HTTPStatus.CONFLICT,
+                f"job {job_id} already {job.status.value}; only queued or running jobs can be "
+                "canceled",
+                slug="job-finished",
+            )
+        response = jsonify(job_json(job, self.storage))
+        response.status_code = HTTPStatus.ACCEPTED
+        return response
+
+    def list_jobs(self) -> Response:
+        """GET /v1/jobs?status=&cursor=&limit=: the caller's jobs, newest first."""
+        status, cursor, limit = _list_query()
+        try:
+            jobs, store_cursor = self.store.list_jobs(
+                current_owner(), status=status, cursor=cursor, limit=limit
+            )
+        except ValueError as error:
+            raise _invalid_request([_bad_cursor(str(error))]) from None
+        return jsonify(
+            {
+                "jobs": [job_json(job, self.storage) for job in jobs],
+                "next_cursor": _encode_cursor(store_cursor) if store_cursor is not None else None,
+            }
+        )
+
+    def get_file(self, key: str) -> Response:
+        """GET /v1/files/{key}: a result file of the caller's job, when results are on local
+        disk (with S3, clients fetch the presigned URLs in the job's result instead)."""
+        if not isinstance(self.storage, LocalStorage):
+            raise Problem(
+                HTTPStatus.NOT_FOUND,
+                "this farm keeps results in S3: fetch them from the URLs in the job's result",
+            )
+        job_id = _job_id_of_key(key)
+        job = self.store.get_job(job_id) if job_id is not None else None
+        if job is None or job.owner != current_owner():
+            _file_not_found(key)
+        try:
+            data = self.storage.get(key)
+        except (ObjectNotFound, ValueError):
+            _file_not_found(key)
+        mimetype = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        response = Response(data, mimetype=mimetype)
+        response.headers["Cache-Control"] = "private, max-age=3600"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def _owned_job(self, job_id: str) -> JobRecord:
+        job = self.store.get_job(job_id) if is_job_id(job_id) else None
+        if job is None or job.owner != current_owner():
+            _job_not_found(job_id)
+        return job
+
+
+def _job_not_found(job_id: str) -> NoReturn:
+    if not is_job_id(job_id):
+        detail = f"{job_id[:64]!r} is not a job id (32 lowercase hex digits)"
+    else:
+        detail = f"there is no job {job_id} for this API key"
+    raise Problem(HTTPStatus.NOT_FOUND, detail)
+
+
+def _file_not_found(key: str) -> NoReturn:
+    raise Problem(HTTPStatus.NOT_FOUND, f"there is no file {key[:200]!r} for this API key")
+
+
+def _job_id_of_key(key: str) -> str | None:
+    """The job whose result folder holds `key` (jobs/{id}/...), or None."""
+    parts = key.split("/", 2)
+    if len(parts) < 3 or not is_job_id(parts[1]) or not parts[2]:
+        return None
+    job_id = parts[1]
+    return job_id if key.startswith(result_prefix(job_id) + "/") else None
+
+
+def _invalid_request(errors: list[FieldError], status: int = HTTPStatus.BAD_REQUEST) -> Problem:
+    return Problem(
+        status, "; ".join(error.message for error in errors), slug="invalid-request", errors=errors
+    )
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not key.isascii() or not key.isprintable():
+        message = (
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII "
+            f"characters (a UUID, say), got {len(key)} characters"
+        )
+        raise _invalid_request([FieldError("Idempotency-Key", message)])
+    return key
+
+
+def _json_body() -> Any:
+    if not request.is_json:
+        got = request.mimetype or "no Content-Type"
+        message = f"the body must be JSON sent with 'Content-Type: application/json', got {got}"
+        raise Problem(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            message,
+            errors=[FieldError("Content-Type", message)],
+            headers={"Accept-Post": "application/json"},
+        )
+    data = request.get_data(cache=False)  # over MAX_CONTENT_LENGTH: 413
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except json.JSONDecodeError as error:
+        reason = f"{error.msg} at line {error.lineno} column {error.colno}"
+    except (ValueError, RecursionError) as error:  # bad UTF-8, NaN, a huge integer, deep nesting
+        reason = str(error) if isinstance(error, ValueError) else "it is nested too deeply"
+    message = f"the body is not valid JSON: {reason}"
+    raise _invalid_request([FieldError("body", message)])
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _encode_cursor(store_cursor: str) -> str:
+    """The store's cursor wrapped, so that the API can tell its own cursors from anything else
+    whatever the store's cursors look like."""
+    text = json.dumps({"after": store_cursor}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    if not cursor:
+        raise ValueError("it is empty; omit cursor for the first page")
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        fields = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        store_cursor = fields["after"]
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        raise ValueError("it is not a cursor this API gave out") from None
+    if not isinstance(store_cursor, str):
+        raise ValueError("it is not a cursor this API gave out")
+    return store_cursor
+
+
+def _bad_cursor(reason: str) -> FieldError:
+    return FieldError(
+        "cursor", f"cursor is not valid: {reason}; pass next_cursor from the previous page"
+    )
+
+
+def _list_query() -> tuple[JobStatus | None, str | None, int]:
+    args = request.args
+    errors = []
+    for name in args:
+        if name not in LIST_QUERY_FIELDS:
+            close = difflib.get_close_matches(name, LIST_QUERY_FIELDS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"use {', '.join(LIST_QUERY_FIELDS)}"
+            errors.append(FieldError(name, f"unknown query parameter {name!r}; {hint}"))
+        elif len(args.getlist(name)) > 1:
+            errors.append(FieldError(name, f"{name} may be given only once"))
+
+    status: JobStatus | None = None
+    if "status" in args:
+        try:
+            status = JobStatus(args["status"])
+        except ValueError:
+            names = ", ".join(member.value for member in JobStatus)
+            errors.append(
+                FieldError("status", f"status must be one of {names}, got {args['status'][:40]!r}")
+            )
+    cursor = None
+    if "cursor" in args:
+        try:
+            cursor = _decode_cursor(args["cursor"])
+        except ValueError as error:
+            errors.append(_bad_cursor(str(error)))
+    limit = LIST_LIMIT_DEFAULT
+    if "limit" in args:
+        raw = args["limit"]
+        if raw.isascii() and raw.isdigit() and len(raw) <= 3 and 1 <= int(raw) <= LIST_LIMIT_MAX:
+            limit = int(raw)
+        else:
+            errors.append(
+                FieldError(
+                    "limit",
+                    f"limit must be an integer from 1 to {LIST_LIMIT_MAX}, got {raw[:40]!r}",
+                )
+            )
+    if errors:
+        raise _invalid_request(errors)
+    return status, cursor, limit

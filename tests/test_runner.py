@@ -1,0 +1,381 @@
+"""worker.runner.run_job against a real SQLite store, local files and a small real model."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.engine import Engine, Rendered, png_bytes, weights_identity
+from worker.job import (
+    JobParams,
+    JobRecord,
+    JobStatus,
+    grid_key,
+    image_key,
+    job_json_key,
+    model_image_for_tile,
+    new_job_id,
+    preview_key,
+    result_prefix,
+    utc_now,
+)
+from worker.runner import Outcome, lease_owner, run_job
+from worker.settings import Settings
+from worker.storage import LocalStorage, StorageUnavailable
+from worker.store_sqlite import SqliteJobStore
+
+WORKER = "test-worker@host"
+
+
+@pytest.fixture(scope="module")
+def settings(small_models_root: Path) -> Settings:
+    return Settings(models_root=small_models_root, model="mini", device="cpu", max_attempts=3)
+
+
+@pytest.fixture(scope="module")
+def engine(settings: Settings) -> Engine:
+    return Engine.load(settings)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteJobStore]:
+    with SqliteJobStore(tmp_path / "farm.db") as job_store:
+        yield job_store
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    files = LocalStorage(tmp_path / "files")
+    files.ensure_bucket()
+    return files
+
+
+def submit(store: SqliteJobStore, **params: Any) -> JobRecord:
+    params.setdefault("seed", 7)
+    record = JobRecord(
+        id=new_job_id(),
+        owner="owner-1",
+        status=JobStatus.QUEUED,
+        params=JobParams(text="a red apple", **params).to_dict(),
+        created_at=utc_now(),
+    )
+    created, _ = store.create_job(record)
+    return created
+
+
+def run(
+    job: JobRecord,
+    store: SqliteJobStore,
+    storage: LocalStorage,
+    engine: Any,
+    settings: Settings,
+    **kwargs: Any,
+) -> Outcome:
+    return run_job(
+        job.id,
+        store=store,
+        storage=storage,
+        engine=engine,
+        worker_name=WORKER,
+        settings=settings,
+        **kwargs,
+    )
+
+
+def stored_files(storage: LocalStorage, job_id: str) -> dict[str, int]:
+    """Relative path → mtime_ns of every file stored for the job."""
+    folder = storage.root / result_prefix(job_id)
+    if not folder.exists():
+        return {}
+    return {
+        path.relative_to(storage.root).as_posix(): path.stat().st_mtime_ns
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+
+
+def pixels(png: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).copy())
+
+
+class OnStepEngine:
+    """The real engine, with `hook(step)` called before each of the runner's on_step calls."""
+
+    def __init__(self, engine: Engine, hook: Callable[[int], None]) -> None:
+        self.engine, self.hook = engine, hook
+        self.weights = engine.weights
+
+    def render(self, params: JobParams, on_step: Any = None, on_preview: Any = None) -> Rendered:
+        def step(step: int, total: int) -> None:
+            self.hook(step)
+            if on_step is not None:
+                on_step(step, total)
+
+        return self.engine.render(params, on_step=step, on_preview=on_preview)
+
+
+class FailingStorage(LocalStorage):
+    """Local files whose puts of some keys fail as an unreachable S3 would."""
+
+    def __init__(self, root: Path, fail: Callable[[str], bool]) -> None:
+        super().__init__(root)
+        self.fail = fail
+        self.attempted: list[str] = []
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        self.attempted.append(key)
+        if self.fail(key):
+            raise StorageUnavailable(f"could not upload {key}: connection refused")
+        super().put(key, data, content_type)
+
+
+def test_success_stores_tiles_row_major_grid_and_job_json_last(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store, grid_size=2)
+    order: list[str] = []
+    recording = FailingStorage(storage.root, fail=lambda key: False)
+    assert run(job, store, recording, engine, settings) is Outcome.DONE
+    order = recording.attempted
+
+    done = store.get_job(job.id)
+    assert done is not None
+    assert done.status is JobStatus.SUCCEEDED
+    assert done.progress_step == 256
+    assert done.worker == WORKER
+    assert done.attempts == 1
+    assert done.started_at is not None and done.finished_at is not None
+    tiles = [image_key(job.id, i) for i in range(4)]
+    assert done.result == {"grid": grid_key(job.id), "images": tiles}
+    assert order[-1] == job_json_key(job.id)
+    assert set(order) == {*tiles, grid_key(job.id), job_json_key(job.id)}
+
+    # Tile file i holds the model's image model_image_for_tile(i): row-major on the grid.
+    params = JobParams(text="a red apple", seed=7, grid_size=2)
+    images = engine.model.generate_images(
+        params.text, seed=params.seed, grid_size=2, is_verbose=False
+    )
+    for i, key in enumerate(tiles):
+        expected = images[model_image_for_tile(i, 2)]
+        assert torch.equal(pixels(storage.get(key)), pixels(png_bytes(expected)))
+    grid = Image.open(io.BytesIO(storage.get(grid_key(job.id))))
+    assert grid.size == (512, 512)
+
+    job_json = json.loads(storage.get(job_json_key(job.id)))
+    assert job_json["seed"] == 7
+    assert job_json["params"]["seed"] == 7
+    assert job_json["model"] == "mini"
+    assert job_json["weights"] == weights_identity(engine.model.paths)
+    assert len(job_json["weights"]["sha256"]) == 64
+    assert job_json["worker"] == WORKER
+    assert {"started_at", "finished_at", "render_s"} <= job_json["timings"].keys()
+
+    metrics = store.metrics()
+    assert metrics.images_generated == 4
+    assert metrics.jobs_by_status["succeeded"] == 1
+
+
+def test_a_duplicate_delivery_touches_nothing(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store)
+    assert run(job, store, storage, engine, settings) is Outcome.DONE
+    before_record = store.get_job(job.id)
+    before_files = stored_files(storage, job.id)
+    assert len(before_files) == 3
+
+    assert run(job, store, storage, engine, settings) is Outcome.DONE
+    assert store.get_job(job.id) == before_record
+    assert stored_files(storage, job.id) == before_files
+    assert store.metrics().duration_count == 1
+
+
+def test_an_unknown_job_is_done(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    ghost = JobRecord(
+        id=new_job_id(), owner="x", status=JobStatus.QUEUED, params={}, created_at=utc_now()
+    )
+    assert run(ghost, store, storage, engine, settings) is Outcome.DONE
+
+
+def test_the_same_seed_gives_the_same_bytes(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    first, second = submit(store, seed=11), submit(store, seed=11)
+    for job in (first, second):
+        assert run(job, store, storage, engine, settings) is Outcome.DONE
+    assert storage.get(grid_key(first.id)) == storage.get(grid_key(second.id))
+    assert storage.get(image_key(first.id, 0)) == storage.get(image_key(second.id, 0))
+
+
+def test_cancel_mid_run_stops_at_the_next_step_and_stores_nothing(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store)
+    steps: list[int] = []
+
+    def cancel_at_step_20(step: int) -> None:
+        steps.append(step)
+        if step == 20:
+            store.request_cancel(job.id)
+
+    outcome = run(job, store, storage, OnStepEngine(engine, cancel_at_step_20), settings)
+    assert outcome is Outcome.DONE
+    done = store.get_job(job.id)
+    assert done is not None
+    assert done.status is JobStatus.CANCELED
+    assert done.finished_at is not None
+    assert done.result is None
+    assert max(steps) == 20  # the check right after the cancel stopped it
+    assert stored_files(storage, job.id) == {}
+    assert store.lease_holder(job.id) is None
+
+
+def test_a_job_that_crashed_workers_too_often_fails(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store)
+    store.transition(job.id, JobStatus.RUNNING, attempts=settings.max_attempts, worker="dead")
+    assert run(job, store, storage, engine, settings) is Outcome.DONE
+    failed = store.get_job(job.id)
+    assert failed is not None
+    assert failed.status is JobStatus.FAILED
+    assert failed.error is not None
+    assert f"crashed workers {settings.max_attempts} times; giving up" in failed.error
+    assert stored_files(storage, job.id) == {}
+
+
+def test_a_redelivery_after_a_crash_runs_the_job_again(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store)
+    store.transition(job.id, JobStatus.RUNNING, attempts=1, worker="dead", progress_step=100)
+    assert run(job, store, storage, engine, settings) is Outcome.DONE
+    done = store.get_job(job.id)
+    assert done is not None
+    assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 2)
+
+
+def test_a_lease_held_by_another_live_worker_defers(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store)
+    assert store.renew_lease(job.id, "other@host#1", 60)
+    assert run(job, store, storage, engine, settings) is Outcome.DEFERRED
+    waiting = store.get_job(job.id)
+    assert waiting is not None
+    assert (waiting.status, waiting.attempts) == (JobStatus.QUEUED, 0)
+    assert store.lease_holder(job.id) == "other@host#1"
+
+
+def test_a_dead_pool_process_lease_of_the_same_worker_is_taken_over(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                              capture_output=True, text=True)  # fmt: skip
+    dead_pid = int(finished.stdout)
+    job = submit(store)
+    assert store.renew_lease(job.id, lease_owner(WORKER, dead_pid), 60)
+    assert run(job, store, storage, engine, settings) is Outcome.DONE
+    done = store.get_job(job.id)
+    assert done is not None and done.status is JobStatus.SUCCEEDED
+
+
+def test_storage_failure_hands_the_job_back_and_never_reports_success(
+    store: SqliteJobStore, tmp_path: Path, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store, grid_size=1)
+    failing = FailingStorage(tmp_path / "files", fail=lambda key: key.endswith("grid.png"))
+    with pytest.raises(StorageUnavailable):
+        run(job, store, failing, engine, settings)
+    waiting = store.get_job(job.id)
+    assert waiting is not None
+    assert waiting.status is JobStatus.QUEUED
+    assert waiting.result is None
+    assert waiting.attempts == 0  # a storage outage is not a crash
+    assert waiting.error is not None and "storage unavailable" in waiting.error
+    assert failing.attempted[-1] == grid_key(job.id)
+    assert not failing.exists(grid_key(job.id))
+    assert not failing.exists(job_json_key(job.id))
+    assert store.lease_holder(job.id) is None
+
+    # The retry, with the storage back, stores everything and only then succeeds.
+    healthy = LocalStorage(tmp_path / "files")
+    assert run(job, store, healthy, engine, settings) is Outcome.DONE
+    done = store.get_job(job.id)
+    assert done is not None
+    assert (done.status, done.error, done.attempts) == (JobStatus.SUCCEEDED, None, 1)
+    assert all(healthy.exists(key) for key in (grid_key(job.id), job_json_key(job.id)))
+
+
+def test_a_stopping_worker_hands_the_job_back(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store)
+    stop = threading.Event()
+
+    def stop_at_step_10(step: int) -> None:
+        if step == 10:
+            stop.set()
+
+    outcome = run(
+        job, store, storage, OnStepEngine(engine, stop_at_step_10), settings, stop_requested=stop
+    )
+    assert outcome is Outcome.DEFERRED
+    waiting = store.get_job(job.id)
+    assert waiting is not None
+    assert (waiting.status, waiting.attempts) == (JobStatus.QUEUED, 0)
+    assert stored_files(storage, job.id) == {}
+    assert store.lease_holder(job.id) is None
+
+
+def test_invalid_params_fail_the_job(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store, model="mega")  # this worker serves mini
+    assert run(job, store, storage, engine, settings) is Outcome.DONE
+    failed = store.get_job(job.id)
+    assert failed is not None
+    assert failed.status is JobStatus.FAILED
+    assert failed.error is not None and "serves DALL·E mini" in failed.error
+
+
+def test_progressive_outputs_store_previews(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store, progressive_outputs=True)
+    assert run(job, store, storage, engine, settings) is Outcome.DONE
+    done = store.get_job(job.id)
+    assert done is not None and done.result is not None
+    previews = [preview_key(job.id, frame) for frame in range(1, 8)]
+    assert done.result["previews"] == previews
+    assert all(storage.exists(key) for key in previews)
+
+
+def test_weight_digests_are_cached_beside_the_weights(
+    small_models_root: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import engine as engine_module
+
+    cache = json.loads((small_models_root / engine_module.DIGEST_CACHE_NAME).read_text())
+    assert "dalle_bart_mini/decoder.pt" in cache
+    # A new process (an empty in-memory cache) reads the file instead of hashing again.
+    monkeypatch.setattr(engine_module, "_identity_cache", {})
+
+    def no_hashing(path: Path) -> str:
+        raise AssertionError(f"{path} was hashed again")
+
+    monkeypatch.setattr(engine_module, "sha256_file", no_hashing)
+    assert weights_identity(engine.model.paths) == engine.weights

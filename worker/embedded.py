@@ -1,0 +1,213 @@
+"""The embedded farm's worker: a loop over the SQLite queue that `dalle-farm serve` runs as its
+child process (`python -m worker.embedded`).
+
+It runs the same `run_job` as the Celery workers. A job's queue row is leased for
+QUEUE_LEASE_S and the lease extended while the job runs, so a worker that dies leaves the row to
+be leased again; it is acknowledged (removed) only when run_job is DONE with it.
+
+SIGTERM or SIGINT: the current job is handed back at its next decoder step (queued again, its
+queue lease released) and the loop exits; the next start runs it from the beginning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from worker.runner import Outcome, RenderEngine, lease_owner, run_job
+from worker.settings import Settings
+from worker.storage import Storage, StorageUnavailable
+from worker.store import JobStore, StoreUnavailable
+from worker.store_sqlite import SqliteJobQueue
+
+log = logging.getLogger(__name__)
+
+# A dead worker's job can be leased again this long after its last extension.
+QUEUE_LEASE_S = 20.0
+IDLE_POLL_S = 0.5
+WORKER_HEARTBEAT_S = 10.0
+# Pause before a job that could not be stored or recorded is tried again.
+RETRY_PAUSE_S = 5.0
+# A job another live worker holds is looked at again after this long.
+DEFER_PAUSE_S = 5.0
+# `dalle-farm serve` passes a file for the worker to create once its model is loaded.
+READY_FILE_ENV = "DALLE_FARM_WORKER_READY_FILE"
+
+
+def worker_name() -> str:
+    return f"embedded@{socket.gethostname()}"
+
+
+class _QueueLeaseKeeper:
+    """Extends a leased queue row every QUEUE_LEASE_S / 4 seconds while a job runs."""
+
+    def __init__(self, queue: SqliteJobQueue, job_id: str, owner: str) -> None:
+        self.queue, self.job_id, self.owner = queue, job_id, owner
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="queue-lease", daemon=True)
+
+    def __enter__(self) -> _QueueLeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(QUEUE_LEASE_S / 4):
+            try:
+                self.queue.extend(self.job_id, self.owner, QUEUE_LEASE_S)
+            except StoreUnavailable as error:
+                log.warning("job %s: could not extend its queue lease: %s", self.job_id, error)
+
+
+def work(
+    *,
+    settings: Settings,
+    store: JobStore,
+    storage: Storage,
+    queue: SqliteJobQueue,
+    engine: RenderEngine,
+    stop: threading.Event,
+    name: str | None = None,
+    on_idle: Callable[[], None] | None = None,
+) -> None:
+    """Run queued jobs until `stop` is set; a job running then is handed back."""
+    name = name or worker_name()
+    owner = lease_owner(name)
+    beat = _Beat(store, name)
+    while not stop.is_set():
+        beat.maybe()
+        try:
+            job_id = queue.lease(owner, QUEUE_LEASE_S)
+        except StoreUnavailable as error:
+            log.warning("cannot read the queue: %s", error)
+            stop.wait(RETRY_PAUSE_S)
+            continue
+        if job_id is None:
+            if on_idle is not None:
+                on_idle()
+            stop.wait(IDLE_POLL_S)
+            continue
+        _run_one(job_id, settings, store, storage, queue, engine, name, owner, stop)
+
+
+def _run_one(
+    job_id: str,
+    settings: Settings,
+    store: JobStore,
+    storage: Storage,
+    queue: SqliteJobQueue,
+    engine: RenderEngine,
+    name: str,
+    owner: str,
+    stop: threading.Event,
+) -> None:
+    try:
+        with _QueueLeaseKeeper(queue, job_id, owner):
+            outcome = run_job(
+                job_id,
+                store=store,
+                storage=storage,
+                engine=engine,
+                worker_name=name,
+                settings=settings,
+                stop_requested=stop,
+            )
+    except (StorageUnavailable, StoreUnavailable) as error:
+        # The row stays leased for a few seconds, then is taken again: a retry with a pause.
+        log.warning("job %s will be retried: %s", job_id, error)
+        _try(lambda: queue.extend(job_id, owner, RETRY_PAUSE_S))
+        return
+    if outcome is Outcome.DONE:
+        _try(lambda: queue.ack(job_id))
+    elif stop.is_set():
+        _try(lambda: queue.release(job_id))
+    else:  # another live worker holds it: look again in a while
+        _try(lambda: queue.extend(job_id, owner, DEFER_PAUSE_S))
+
+
+def _try(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except StoreUnavailable as error:  # the queue lease expires on its own
+        log.warning("queue update failed: %s", error)
+
+
+class _Beat:
+    def __init__(self, store: JobStore, name: str) -> None:
+        self.store, self.name = store, name
+        self._next = 0.0
+
+    def maybe(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + WORKER_HEARTBEAT_S
+        try:
+            self.store.worker_heartbeat(self.name)
+        except StoreUnavailable as error:
+            log.warning("worker heartbeat failed: %s", error)
+
+
+def main() -> int:
+    """`python -m worker.embedded`: load the model, then work until SIGTERM or SIGINT."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings.from_env()
+    if not settings.is_embedded:
+        log.error("DALLE_FARM_REDIS_URL is set: run `dalle-farm worker` for the distributed farm")
+        return 2
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        log.info("%s: handing back the current job and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    from model.errors import ModelError
+    from worker.engine import Engine
+    from worker.services import build_embedded_queue, build_storage, build_store
+
+    store = build_store(settings)
+    queue = build_embedded_queue(settings)
+    try:
+        storage = build_storage(settings, ensure_bucket=True)
+        engine = Engine.load(settings)
+    except (ModelError, StorageUnavailable, OSError) as error:
+        log.error("the worker cannot start: %s", error)
+        return 1
+    log.info("worker %s ready (pid %d)", worker_name(), os.getpid())
+    ready_file = os.environ.get(READY_FILE_ENV)
+    if ready_file:
+        Path(ready_file).write_text(worker_name() + "\n")
+    try:
+        work(
+            settings=settings,
+            store=store,
+            storage=storage,
+            queue=queue,
+            engine=engine,
+            stop=stop,
+        )
+    finally:
+        queue.close()
+        store.close()
+    log.info("worker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

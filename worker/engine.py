@@ -1,0 +1,266 @@
+"""The model a worker keeps resident, and the PNGs it renders for a job.
+
+`Engine.load(settings)` builds MinDalle once per process (device and dtype resolved from
+Settings), and `Engine.render(params)` turns JobParams into PNG bytes:
+
+- the grid, as one image;
+- one tile per image, in row-major tile order (the order of the tile files `{i}.png`);
+- with progressive_outputs, a preview grid per intermediate decoder frame, handed to a callback
+  as soon as it exists.
+
+`weights_identity(paths)` names the exact weights a job was rendered with (sha256 of each file),
+for job.json. Hashing a multi-GB Mega checkpoint takes a while, so the digests are cached in a
+small JSON file beside the weights, keyed by (path, size, mtime_ns): a restarted worker rereads
+the cache instead of the weights.
+
+torch is imported here; the API never imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from model.min_dalle import MinDalle
+from model.vqgan import PIXELS_PER_SIDE
+from model.weights import WeightPaths
+from worker.job import JobParams
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Beside the weights: {"<relative path>": {"size": …, "mtime_ns": …, "sha256": …}, …}
+DIGEST_CACHE_NAME = ".dalle-farm-sha256.json"
+_HASH_CHUNK_BYTES = 1 << 20
+
+StepCallback = Callable[[int, int], None]
+# (frame number from 1, PNG bytes of the whole grid at that frame)
+PreviewCallback = Callable[[int, bytes], None]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A finished job's images as PNG bytes."""
+
+    grid_png: bytes
+    tile_pngs: list[bytes]  # row-major: tile_pngs[i] is the tile file `{i}.png`
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → the first CUDA GPU when torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` → bfloat16 on a GPU (half the memory, same speed class), float32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, name)
+    assert isinstance(dtype, torch.dtype), name
+    return dtype
+
+
+def png_bytes(pixels: torch.Tensor) -> bytes:
+    """(H, W, 3) float pixels in [0, 255] → PNG bytes (truncated to uint8, as min-dalle does)."""
+    image = Image.fromarray(pixels.to(torch.uint8).cpu().numpy())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def grid_tiles(grid: torch.Tensor, grid_size: int) -> list[torch.Tensor]:
+    """The tiles of a (g·256, g·256, 3) grid, row-major: tile i is at row i // g, column i % g."""
+    side = PIXELS_PER_SIDE
+    return [
+        grid[row * side : (row + 1) * side, col * side : (col + 1) * side]
+        for row in range(grid_size)
+        for col in range(grid_size)
+    ]
+
+
+class Engine:
+    """A resident MinDalle and the identity of its weights. Build it with `Engine.load`."""
+
+    def __init__(self, model: MinDalle, weights: dict[str, Any]) -> None:
+        self.model = model
+        self.weights = weights
+
+    @property
+    def model_name(self) -> str:
+        return "mega" if self.model.is_mega else "mini"
+
+    @classmethod
+    def load(cls, settings: Settings) -> Engine:
+        """Load the model `settings` names (DALLE_FARM_MODEL, _MODELS_ROOT, _DEVICE, _DTYPE).
+
+        Raises model.errors.ModelError when the weights are missing or unusable.
+        """
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        is_mega = settings.model == "mega"
+        log.info(
+            "loading DALL·E %s from %s on %s (%s)",
+            settings.model,
+            settings.models_root,
+            device,
+            str(dtype).removeprefix("torch."),
+        )
+        model = MinDalle(
+            models_root=settings.models_root,
+            dtype=dtype,
+            device=device,
+            is_mega=is_mega,
+            is_reusable=True,
+            is_verbose=False,
+        )
+        weights = weights_identity(WeightPaths(Path(settings.models_root), is_mega))
+        return cls(model, weights)
+
+    def render(
+        self,
+        params: JobParams,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> Rendered:
+        """Generate the job's images. `on_step(step, 256)` runs after each decoder step; an
+        exception it raises stops generation and propagates. `on_preview` gets each
+        intermediate frame's grid PNG when params.progressive_outputs is set.
+
+        Raises ValueError for parameters the model refuses.
+        """
+        if params.model != self.model_name:
+            raise ValueError(
+                f"this worker serves DALL·E {self.model_name}, but the job asks for {params.model}"
+            )
+        frames = self.model.generate_raw_image_stream(
+            text=params.text,
+            seed=params.seed,
+            grid_size=params.grid_size,
+            progressive_outputs=params.progressive_outputs,
+            is_seamless=params.is_seamless,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            supercondition_factor=params.supercondition_factor,
+            is_verbose=False,
+            on_step=on_step,
+        )
+        grid: torch.Tensor | None = None
+        frame_number = 0
+        try:
+            for frame in frames:
+                # The frame before this one was not the last: it is a preview.
+                if grid is not None and on_preview is not None:
+                    on_preview(frame_number, png_bytes(grid))
+                grid = frame
+                frame_number += 1
+        finally:
+            # Free the decoder's state now if a callback stopped generation early.
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()
+        assert grid is not None  # the stream always yields the final frame
+        return Rendered(
+            grid_png=png_bytes(grid),
+            tile_pngs=[png_bytes(tile) for tile in grid_tiles(grid, params.grid_size)],
+        )
+
+
+# -- weights identity -------------------------------------------------------------------------
+
+_identity_cache: dict[tuple[str, bool], dict[str, Any]] = {}
+
+
+def weight_files(paths: WeightPaths) -> list[Path]:
+    """The files that decide a model's output: tokenizer, BART, VQGAN, and config.json if any."""
+    files = [paths.vocab, paths.merges, paths.encoder, paths.decoder, paths.detoker]
+    if paths.config.exists():
+        files.append(paths.config)
+    return files
+
+
+def weights_identity(paths: WeightPaths) -> dict[str, Any]:
+    """{"model", "sha256" (over all files), "files": {relative path: sha256}}, once per process."""
+    cache_key = (str(Path(paths.models_root).resolve()), paths.is_mega)
+    cached = _identity_cache.get(cache_key)
+    if cached is not None:
+        return cached
+    root = Path(paths.models_root)
+    digests = file_digests(root, [path.relative_to(root) for path in weight_files(paths)])
+    combined = hashlib.sha256()
+    for name in sorted(digests):
+        combined.update(f"{name}\0{digests[name]}\n".encode())
+    identity = {"model": paths.model_name, "sha256": combined.hexdigest(), "files": digests}
+    _identity_cache[cache_key] = identity
+    return identity
+
+
+def file_digests(root: Path, names: list[Path]) -> dict[str, str]:
+    """sha256 of each file under `root`, reusing DIGEST_CACHE_NAME entries whose size and
+    mtime_ns still match, and writing back any it had to compute (best effort)."""
+    cache_path = root / DIGEST_CACHE_NAME
+    try:
+        cache = json.loads(cache_path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    digests: dict[str, str] = {}
+    changed = False
+    for name in names:
+        key = name.as_posix()
+        stat = (root / name).stat()
+        entry = cache.get(key)
+        if (
+            isinstance(entry, dict)
+            and entry.get("size") == stat.st_size
+            and entry.get("mtime_ns") == stat.st_mtime_ns
+            and isinstance(entry.get("sha256"), str)
+        ):
+            digests[key] = entry["sha256"]
+            continue
+        log.info("hashing %s", root / name)
+        digests[key] = sha256_file(root / name)
+        cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digests[key]}
+        changed = True
+    if changed:
+        _write_atomically(cache_path, json.dumps(cache, indent=2, sort_keys=True) + "\n")
+    return digests
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # Several workers may start at once: each writes a whole file and renames it into place.
+    # A read-only models folder (a mounted volume) just means the next start hashes again.
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as error:
+        log.warning("cannot cache weight digests in %s: %s", path.parent, error)
+        return
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        log.warning("cannot cache weight digests in %s: %s", path, error)
