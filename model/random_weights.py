@@ -131,3 +131,33 @@ def write_random_weights(
     paths.vqgan_dir.mkdir(parents=True, exist_ok=True)
     torch.save(detokenizer.state_dict(), paths.detoker)
     return paths
+
+
+# A model small enough to decode in a second on a CPU; the VQGAN keeps its real size.
+SMALL_CONFIG = ModelConfig(
+    layer_count=2,
+    attention_head_count=4,
+    embed_count=64,
+    glu_embed_count=96,
+    text_vocab_count=512,
+    image_vocab_count=16384,
+)
+
+
+def main() -> None:
+    """`python -m model.random_weights ROOT [--size small|mini]`: write random weights to try the
+    pipeline without real ones. Their images are noise."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("models_root", type=Path)
+    parser.add_argument("--size", choices=("small", "mini"), default="small")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    config = SMALL_CONFIG if args.size == "small" else ModelConfig.mini()
+    paths = write_random_weights(args.models_root, config, is_mega=False, seed=args.seed)
+    print(f"wrote random {args.size} weights (images will be noise) to {paths.models_root}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

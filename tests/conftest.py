@@ -4,19 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from model.config import ModelConfig
-from model.random_weights import write_random_weights
+from model.random_weights import SMALL_CONFIG, write_random_weights
 
-# Small enough to decode 256 tokens in a fraction of a second; the VQGAN has its real (fixed) size.
-SMALL_CONFIG = ModelConfig(
-    layer_count=2,
-    attention_head_count=4,
-    embed_count=64,
-    glu_embed_count=96,
-    text_vocab_count=512,
-    image_vocab_count=16384,
-    text_token_count=64,
-)
+__all__ = ["SMALL_CONFIG"]
 
 
 @pytest.fixture(scope="session")
