@@ -44,16 +44,14 @@ from redis.retry import Retry
 from worker.job import JobRecord, JobStatus, can_move, utc_now
 from worker.store import (
     DURATION_BUCKETS_S,
+    HEARTBEAT_RETENTION_S,
+    IDEMPOTENCY_CONFLICT,
     WORKER_ALIVE_S,
     ApiKey,
     IdempotencyConflict,
     JobNotFound,
     MetricsSnapshot,
     StoreUnavailable,
-)
-from worker.store_sqlite import (
-    HEARTBEAT_RETENTION_S,
-    IDEMPOTENCY_CONFLICT,
     check_job_fields,
     check_key_name,
     check_limit,

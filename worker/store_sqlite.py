@@ -18,23 +18,17 @@ Tables:
 Times that decide expiry (leases, heartbeats) are time.time(), the one clock that two processes
 can compare. The file may not be ":memory:" (each connection would see its own database).
 
-The helpers under "Shared with store_redis" are backend-neutral; RedisJobStore imports them.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import hashlib
 import hmac
-import math
 import os
-import re
-import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,18 +36,29 @@ from typing import Any
 from worker.job import JobRecord, JobStatus, can_move, utc_now
 from worker.store import (
     DURATION_BUCKETS_S,
+    HEARTBEAT_RETENTION_S,
+    IDEMPOTENCY_CONFLICT,
     WORKER_ALIVE_S,
     ApiKey,
     IdempotencyConflict,
     JobNotFound,
     MetricsSnapshot,
     StoreUnavailable,
+    check_job_fields,
+    check_key_name,
+    check_limit,
+    check_observation,
+    check_ttl,
+    cumulative_buckets,
+    duration_bucket,
+    hash_idempotency_key,
+    hash_secret,
+    key_id_from_secret,
+    new_key_secret,
 )
 
 BUSY_TIMEOUT_S = 5.0
 SCHEMA_VERSION = 1
-# Heartbeats older than this are deleted; long past counting as alive.
-HEARTBEAT_RETENTION_S = 24 * 3600.0
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -554,96 +559,3 @@ class SqliteJobQueue:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-# -- Shared with store_redis ---------------------------------------------------------------------
-
-IDEMPOTENCY_CONFLICT = "Idempotency-Key was already used with a different request body"
-KEY_SECRET_PREFIX = "dfk_"
-# "dfk_" + 12 hex digits of key id + "_" + secrets.token_urlsafe(24) (32 characters).
-_KEY_SECRET = re.compile(r"dfk_([0-9a-f]{12})_[A-Za-z0-9_-]{32}")
-_UNSETTABLE_FIELDS = frozenset({"id", "owner", "status"})
-_SETTABLE_FIELDS = frozenset(
-    field.name for field in dataclasses.fields(JobRecord) if field.name not in _UNSETTABLE_FIELDS
-)
-
-
-def new_key_secret() -> tuple[str, str]:
-    """A new key id and its secret: "dfk_<id>_<random>"."""
-    key_id = secrets.token_hex(6)
-    return key_id, f"{KEY_SECRET_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
-
-
-def hash_secret(secret: str) -> str:
-    """What is stored of a key secret: its sha256, hex. (The secret has 192 random bits, so a
-    fast hash is enough; a slow one would only slow down every request.)"""
-    return hashlib.sha256(secret.encode("utf8")).hexdigest()
-
-
-def key_id_from_secret(secret: object) -> str | None:
-    """The key id a secret names, or None if it is not shaped like a secret."""
-    if not isinstance(secret, str):
-        return None
-    match = _KEY_SECRET.fullmatch(secret)
-    return None if match is None else match.group(1)
-
-
-def check_key_name(name: object) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a key name must be a non-blank string, got {name!r}")
-    return name.strip()
-
-
-def hash_idempotency_key(key: str) -> str:
-    """Idempotency-Keys are stored hashed: they are the client's, and may be long."""
-    return hashlib.sha256(key.encode("utf8")).hexdigest()
-
-
-def check_job_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """`fields` if every name is a JobRecord attribute that update/transition may set."""
-    fixed = sorted(_UNSETTABLE_FIELDS.intersection(fields))
-    if fixed:
-        raise ValueError(
-            f"{', '.join(fixed)} cannot be set this way (status changes go through transition)"
-        )
-    unknown = sorted(set(fields) - _SETTABLE_FIELDS)
-    if unknown:
-        raise ValueError(
-            f"unknown JobRecord field(s) {', '.join(unknown)}; "
-            f"known: {', '.join(sorted(_SETTABLE_FIELDS))}"
-        )
-    return dict(fields)
-
-
-def check_limit(limit: int) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"limit must be a positive integer, got {limit!r}")
-
-
-def check_ttl(ttl_s: float) -> None:
-    if not (isinstance(ttl_s, int | float) and math.isfinite(ttl_s) and ttl_s > 0):
-        raise ValueError(f"a lease time must be a positive number of seconds, got {ttl_s!r}")
-
-
-def check_observation(status: JobStatus, duration_s: float, images: int) -> None:
-    if not JobStatus(status).is_terminal:
-        raise ValueError(f"only finished jobs are observed, got status {JobStatus(status).value}")
-    if not (isinstance(duration_s, int | float) and math.isfinite(duration_s) and duration_s >= 0):
-        raise ValueError(f"duration_s must be a number >= 0, got {duration_s!r}")
-    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
-        raise ValueError(f"images must be an integer >= 0, got {images!r}")
-
-
-def duration_bucket(duration_s: float) -> int:
-    """The histogram bucket of a duration: the first bound >= it, or len(bounds) for +Inf."""
-    return bisect.bisect_left(DURATION_BUCKETS_S, duration_s)
-
-
-def cumulative_buckets(counts: Iterable[Any]) -> list[int]:
-    """Per-bucket counts (each bound, then +Inf) as Prometheus' cumulative `le` counts."""
-    total = 0
-    cumulative = []
-    for count in counts:
-        total += int(count)
-        cumulative.append(total)
-    return cumulative
