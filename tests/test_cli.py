@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from PIL import Image
 
 from cli.generate import ascii_from_image
 from cli.main import build_parser
+from tests.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SEED = "7"
@@ -149,14 +149,8 @@ def test_progressive_saves_frames(
 # -- errors ---------------------------------------------------------------------------------
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_offline_without_weights_is_one_line(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{closed_port()}/"
+    url = f"http://127.0.0.1:{free_port()}/"
     result = dalle_farm(
         "generate",
         "--models-root", tmp_path,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from model.download import (
     weights_base_url,
 )
 from model.errors import WeightsNotFoundError
+from tests.servers import free_port
 
 # A few 1 MiB chunks and not a multiple of one, so breaks can fall after whole chunks.
 BLOB = bytes(range(256)) * 9000 + b"tail"
@@ -108,12 +108,6 @@ def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _part(path: Path) -> Path:
     return path.with_name(path.name + ".part")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- plain downloads ---------------------------------------------------------------------
@@ -290,7 +284,7 @@ def test_404_raises_weights_not_found(server: FakeServer, tmp_path: Path) -> Non
 
 
 def test_offline_raises_weights_not_found(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}/detoker.pt"
+    url = f"http://127.0.0.1:{free_port()}/detoker.pt"
     dest = tmp_path / "vqgan" / "detoker.pt"
 
     with pytest.raises(WeightsNotFoundError) as info:

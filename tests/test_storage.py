@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 import uuid
@@ -15,6 +14,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from tests.servers import free_port
 from worker.storage import (
     LocalStorage,
     ObjectNotFound,
@@ -63,12 +63,6 @@ def s3_storage(s3_endpoint: str) -> Iterator[S3Storage]:
 
 def bucket_names(storage: S3Storage) -> set[str]:
     return {bucket["Name"] for bucket in storage.client.list_buckets()["Buckets"]}
-
-
-def unused_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def fetch(url: str) -> bytes:
@@ -190,7 +184,7 @@ def test_url_expiry_outside_one_hour_is_rejected(url_expiry_s: int) -> None:
 
 
 def test_endpoint_down_fails_fast_with_storage_unavailable(aws_env: None) -> None:
-    endpoint = f"http://127.0.0.1:{unused_loopback_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     storage = S3Storage(
         "farm-images",
         endpoint_url=endpoint,

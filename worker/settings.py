@@ -27,7 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-MODELS = ("mini", "mega")
+from worker.job import MODELS
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
