@@ -4,8 +4,9 @@
     dalle-farm worker --gpus 0,1      # GPUs 0 and 1
     dalle-farm worker --gpus cpu      # one CPU worker
 
-Each child is `python -m celery -A worker.celery_app worker --pool prefork` named
-`gpu{i}@{node}` (`cpu@{node}`), and its pool process loads the model once and keeps it; the
+Each child is `python -m celery -A worker.celery_app worker --pool threads` named
+`gpu{i}@{node}` (`cpu@{node}`): it loads the model once and keeps it, and its threads (one per
+job in flight, DALLE_FARM_MAX_JOBS) feed one batching engine, so its jobs decode together; the
 child is ready once the model is loaded. This process supervises them: SIGTERM or Ctrl-C asks
 each to finish its current job and exit (a second one stops them at once, and their jobs go
 back to the queue); a child that dies is started again; a child that exits before it is ready
@@ -60,9 +61,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--concurrency",
+        "--max-jobs",
+        dest="concurrency",
         type=int,
-        default=1,
-        help="pool processes per worker, each with its own copy of the model (default: 1)",
+        default=None,
+        help="jobs each worker decodes at once, in one batch (default: DALLE_FARM_MAX_JOBS, 8)",
     )
     parser.add_argument(
         "--node-name",
@@ -164,7 +167,7 @@ def child_for(
         name = f"gpu{device if device.isdigit() else position}@{node}"
     argv = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-        "--pool", "prefork",
+        "--pool", "threads",
         "--concurrency", str(concurrency),
         "--hostname", name,
         "--queues", queues,
@@ -265,8 +268,9 @@ def run(args: argparse.Namespace) -> int:
             "dalle-farm worker needs DALLE_FARM_REDIS_URL (the farm's Redis); "
             "on a single machine, `dalle-farm serve` runs the API and a worker together"
         )
-    if args.concurrency < 1:
-        raise CommandError(f"--concurrency must be at least 1, got {args.concurrency}")
+    concurrency = settings.max_jobs if args.concurrency is None else args.concurrency
+    if concurrency < 1:
+        raise CommandError(f"--concurrency must be at least 1, got {concurrency}")
     devices = parse_gpus(args.gpus, count_cuda_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     queues = args.queues or settings.queue_name()
     with tempfile.TemporaryDirectory(prefix="dalle-farm-worker-") as ready_dir:
@@ -275,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
                 device,
                 position=position,
                 queues=queues,
-                concurrency=args.concurrency,
+                concurrency=concurrency,
                 node=args.node_name,
                 loglevel=args.loglevel,
                 ready_dir=Path(ready_dir),

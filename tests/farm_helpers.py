@@ -190,13 +190,6 @@ def worker_process(
     )
 
 
-def pool_process_pid(worker: FarmProcess) -> int:
-    """The Celery pool process (the one that runs jobs) of a `dalle-farm worker --gpus cpu`:
-    the grandchild, under the celery main process."""
-    tree = wait_for(lambda: worker.descendants()[1:], 30, "the worker's pool process")
-    return tree[-1]
-
-
 def http(
     method: str,
     url: str,

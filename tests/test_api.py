@@ -35,10 +35,11 @@ from worker.job import (
     preview_key,
     utc_now,
 )
+from worker.queue_sqlite import SqliteJobQueue
 from worker.settings import Settings
 from worker.storage import LocalStorage, S3Storage
 from worker.store import DURATION_BUCKETS_S, StoreUnavailable
-from worker.store_sqlite import SqliteJobQueue, SqliteJobStore
+from worker.store_sqlite import SqliteJobStore
 
 PROBLEM = "application/problem+json"
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
@@ -871,7 +872,8 @@ import api.app
 from api.app import create_app
 from worker.settings import Settings
 from worker.storage import LocalStorage
-from worker.store_sqlite import SqliteJobQueue, SqliteJobStore
+from worker.queue_sqlite import SqliteJobQueue
+from worker.store_sqlite import SqliteJobStore
 root = Path({str(tmp_path)!r})
 app = create_app(
     Settings(),

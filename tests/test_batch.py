@@ -214,6 +214,25 @@ def test_jobs_leave_when_done(model: MinDalle) -> None:
     assert engine.step() == []
 
 
+def test_each_text_row_is_encoded_once(model: MinDalle) -> None:
+    engine = BatchDecoder(model)
+    encoded: list[list[int]] = []
+    hook = engine.encoder.register_forward_hook(
+        lambda module, args, output: encoded.extend(args[0].tolist())
+    )
+    try:
+        cat, dog = SPECS[0], SPECS[1]
+        twin = Spec("twin", cat.text, cat.seed + 1, cat.grid_size, cat.settings)
+        results = run(engine, {0: [cat, dog], 3: [twin]})
+    finally:
+        hook.remove()
+    # The unconditioned row `<s></s>` once, then each prompt's conditioned row once.
+    assert len(encoded) == 3
+    assert len({tuple(row) for row in encoded}) == 3
+    for spec in (cat, dog, twin):
+        assert torch.equal(results[spec.job_id], alone(model, spec)), spec.job_id
+
+
 def test_max_rows_and_bad_input(model: MinDalle) -> None:
     engine = BatchDecoder(model, max_rows=10)
     settings = SamplingSettings()

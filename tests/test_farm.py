@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -38,13 +36,12 @@ from tests.farm_helpers import (
     FarmProcess,
     S3Server,
     http,
-    pool_process_pid,
     subprocess_env,
     wait_for,
     worker_process,
 )
 from tests.servers import RedisServer, free_port
-from worker.job import grid_key, image_key, job_json_key
+from worker.job import decode_tokens, grid_key, image_key, job_json_key
 from worker.services import FarmServices, build_services
 from worker.settings import Settings
 from worker.storage import S3Storage
@@ -222,7 +219,8 @@ def test_worker_gpus_pick_one_pinned_process_per_gpu(tmp_path: Path) -> None:
     assert gpu.name == "gpu3@n1"
     assert (gpu.env["CUDA_VISIBLE_DEVICES"], gpu.env["DALLE_FARM_DEVICE"]) == ("3", "cuda")
     assert gpu.argv[gpu.argv.index("--hostname") + 1] == "gpu3@n1"
-    assert gpu.argv[gpu.argv.index("--pool") + 1] == "prefork"
+    assert gpu.argv[gpu.argv.index("--pool") + 1] == "threads"
+    assert gpu.argv[gpu.argv.index("--concurrency") + 1] == "1"
     cpu = child_for(None, position=0, **options)
     assert cpu.name == "cpu@n1"
     assert (cpu.env["CUDA_VISIBLE_DEVICES"], cpu.env["DALLE_FARM_DEVICE"]) == ("", "cpu")
@@ -367,26 +365,39 @@ def test_a_worker_that_cannot_load_its_model_exits_non_zero(farm: Farm, tmp_path
     assert "a worker failed to start" in broken.log()
 
 
-def test_kill_9_of_the_pool_process_reruns_the_job(farm: Farm) -> None:
+def test_kill_9_of_the_worker_resumes_the_job_from_its_checkpoint_on_another(
+    farm: Farm,
+) -> None:
     worker = farm.ensure_worker()
-    job = farm.submit({"text": "survives a crash", "grid_size": 3})
-    farm.wait_running(job["id"])
-    os.kill(pool_process_pid(worker), signal.SIGKILL)
-    done = farm.wait_status(job["id"], "succeeded", RECOVERY_S)
-    assert done["attempts"] == 2
-    assert farm.storage.exists(job_json_key(job["id"]))
-
-
-def test_kill_9_of_the_whole_worker_reruns_the_job_on_another(farm: Farm) -> None:
-    worker = farm.ensure_worker()
-    job = farm.submit({"text": "survives a lost machine", "grid_size": 3})
+    body = {"text": "survives a lost machine", "grid_size": 2, "seed": 4321}
+    job = farm.submit(body)
     running = farm.wait_running(job["id"])
+
+    def checkpointed() -> Any:
+        record = farm.services.store.get_job(job["id"])
+        return record if record is not None and record.checkpoint is not None else None
+
+    # Kill as soon as the first checkpoint (32 tokens) is saved, long before the job is done.
+    wait_for(checkpointed, JOB_TIMEOUT_S, "the job's first checkpoint", 0.01)
     worker.kill_group()
+    saved = farm.services.store.get_job(job["id"])
+    assert saved is not None and saved.status.value == "running"
+    resumed_at = len(decode_tokens(saved.checkpoint or "")[0])
+    assert 32 <= resumed_at < 256
+
     replacement = farm.start_worker()
     done = farm.wait_status(job["id"], "succeeded", RECOVERY_S)
     assert done["attempts"] == 2
     assert done["worker"] != running["worker"]
     assert replacement.process is not None and replacement.process.poll() is None
+    job_json = json.loads(farm.storage.get(job_json_key(job["id"])))
+    assert job_json["resumed_from"] >= resumed_at
+    record = farm.services.store.get_job(job["id"])
+    assert record is not None and record.checkpoint is None
+
+    # The resumed job's images are those of the same job run without a break.
+    twin = farm.wait_status(farm.submit(body)["id"], "succeeded")
+    assert fetch(twin["result"]["grid"]["url"]) == fetch(done["result"]["grid"]["url"])
 
 
 def test_s3_down_during_upload_is_retried_and_never_reported_succeeded(farm: Farm) -> None:

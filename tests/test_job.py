@@ -29,6 +29,8 @@ from worker.job import (
     JobRecord,
     JobStatus,
     can_move,
+    decode_tokens,
+    encode_tokens,
     grid_key,
     image_key,
     is_job_id,
@@ -751,3 +753,15 @@ def test_utc_now_is_iso_8601_utc() -> None:
     parsed = datetime.fromisoformat(now)
     assert parsed.utcoffset() == timedelta(0)
     assert now.endswith("+00:00")
+
+
+def test_token_checkpoints_round_trip_and_refuse_other_text() -> None:
+    rows = [[0, 16383, 5], [7, 8, 9]]
+    text = encode_tokens(rows)
+    assert decode_tokens(text) == rows
+    assert len(text) < 20  # two bytes a token, base64
+    for bad in ("", "x:AAAA", "0:", "2:AAA=", "3:AAAA", "1:!!!!"):
+        with pytest.raises(ValueError, match="not a token checkpoint"):
+            decode_tokens(bad)
+    with pytest.raises(ValueError, match="same length"):
+        encode_tokens([[1, 2], [3]])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.engine import Engine, Rendered, png_bytes, weights_identity
+from model.batch import BatchDecoder
+from model.generate import SamplingSettings
+from worker.engine import Engine, Rendered, batch_rows_for_memory, png_bytes, weights_identity
 from worker.job import (
     JobParams,
     JobRecord,
     JobStatus,
+    decode_tokens,
     grid_key,
     image_key,
     job_json_key,
@@ -116,13 +121,30 @@ class OnStepEngine:
         self.engine, self.hook = engine, hook
         self.weights = engine.weights
 
-    def render(self, params: JobParams, on_step: Any = None, on_preview: Any = None) -> Rendered:
+    def render(
+        self, params: JobParams, on_step: Any = None, on_preview: Any = None, **kwargs: Any
+    ) -> Rendered:
         def step(step: int, total: int) -> None:
             self.hook(step)
             if on_step is not None:
                 on_step(step, total)
 
-        return self.engine.render(params, on_step=step, on_preview=on_preview)
+        return self.engine.render(params, on_step=step, on_preview=on_preview, **kwargs)
+
+
+def batch_images(engine: Engine, params: JobParams) -> torch.Tensor:
+    """The job's images from the farm's sampler alone: a BatchDecoder with only this job."""
+    decoder = BatchDecoder(engine.model)
+    settings = SamplingSettings(params.temperature, params.top_k, params.supercondition_factor)
+    decoder.add("alone", params.text, params.seed, params.grid_size, settings)
+    done: list[tuple[str, torch.Tensor]] = []
+    while not done:
+        done = decoder.step()
+    grid = engine.model.detokenize(done[0][1], params.is_seamless)
+    # Undo the grid layout, as MinDalle.generate_images does.
+    side, count = 256, params.grid_size
+    images = grid.view(count, side, count, side, 3).permute(2, 0, 1, 3, 4)
+    return images.reshape(count**2, side, side, 3)
 
 
 class FailingStorage(LocalStorage):
@@ -162,10 +184,7 @@ def test_success_stores_tiles_row_major_grid_and_job_json_last(
     assert set(order) == {*tiles, grid_key(job.id), job_json_key(job.id)}
 
     # Tile file i holds the model's image model_image_for_tile(i): row-major on the grid.
-    params = JobParams(text="a red apple", seed=7, grid_size=2)
-    images = engine.model.generate_images(
-        params.text, seed=params.seed, grid_size=2, is_verbose=False
-    )
+    images = batch_images(engine, JobParams(text="a red apple", seed=7, grid_size=2))
     for i, key in enumerate(tiles):
         expected = images[model_image_for_tile(i, 2)]
         assert torch.equal(pixels(storage.get(key)), pixels(png_bytes(expected)))
@@ -225,20 +244,22 @@ def test_cancel_mid_run_stops_at_the_next_step_and_stores_nothing(
 ) -> None:
     job = submit(store)
     steps: list[int] = []
+    canceled_at: list[int] = []
 
-    def cancel_at_step_20(step: int) -> None:
+    def cancel_from_step_20(step: int) -> None:
         steps.append(step)
-        if step == 20:
+        if step >= 20 and not canceled_at:
+            canceled_at.append(step)
             store.request_cancel(job.id)
 
-    outcome = run(job, store, storage, OnStepEngine(engine, cancel_at_step_20), settings)
+    outcome = run(job, store, storage, OnStepEngine(engine, cancel_from_step_20), settings)
     assert outcome is Outcome.DONE
     done = store.get_job(job.id)
     assert done is not None
     assert done.status is JobStatus.CANCELED
     assert done.finished_at is not None
     assert done.result is None
-    assert max(steps) == 20  # the check right after the cancel stopped it
+    assert max(steps) == canceled_at[0]  # the check right after the cancel stopped it
     assert stored_files(storage, job.id) == {}
     assert store.lease_holder(job.id) is None
 
@@ -266,6 +287,98 @@ def test_a_redelivery_after_a_crash_runs_the_job_again(
     done = store.get_job(job.id)
     assert done is not None
     assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 2)
+
+
+def test_a_grid_larger_than_the_batch_fails_with_a_clear_error(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    small = Engine(engine.model, engine.weights, max_rows=4)  # two images at most
+    try:
+        job = submit(store, grid_size=2)
+        assert run(job, store, storage, small, settings) is Outcome.DONE
+    finally:
+        small.close()
+    failed = store.get_job(job.id)
+    assert failed is not None and failed.status is JobStatus.FAILED
+    assert failed.error is not None
+    assert "needs 8 decoder rows" in failed.error and "DALLE_FARM_BATCH_ROWS" in failed.error
+
+
+def test_the_batch_is_sized_to_free_memory(engine: Engine) -> None:
+    rows = batch_rows_for_memory(engine.model)
+    config = engine.model.config
+    row_bytes = config.layer_count * 2 * 256 * config.embed_count * 4  # float32
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 2 <= rows <= 4096
+    assert rows == 4096 or abs(rows * row_bytes - free / 2) <= free * 0.05
+
+
+class Crash(BaseException):
+    """A worker dying mid-job: nothing in run_job handles it."""
+
+
+def test_a_crashed_job_resumes_from_its_checkpoint_with_identical_images(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    job = submit(store, grid_size=2, seed=11, temperature=1.5)
+
+    def crash_after_token_64(step: int) -> None:
+        if step > 64:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(job, store, storage, OnStepEngine(engine, crash_after_token_64), settings)
+    crashed = store.get_job(job.id)
+    assert crashed is not None and crashed.checkpoint is not None
+    assert crashed.status is JobStatus.RUNNING
+    checkpoint = decode_tokens(crashed.checkpoint)
+    assert len(checkpoint) == 4 and len(checkpoint[0]) in (64, 96)
+
+    assert run(job, store, storage, engine, settings) is Outcome.DONE
+    done = store.get_job(job.id)
+    assert done is not None
+    assert (done.status, done.attempts, done.checkpoint) == (JobStatus.SUCCEEDED, 2, None)
+    job_json = json.loads(storage.get(job_json_key(job.id)))
+    assert job_json["resumed_from"] == len(checkpoint[0])
+    expected = batch_images(
+        engine, JobParams(text="a red apple", seed=11, grid_size=2, temperature=1.5)
+    )
+    for i in range(4):
+        tile = pixels(storage.get(image_key(job.id, i)))
+        assert torch.equal(tile, pixels(png_bytes(expected[model_image_for_tile(i, 2)])))
+
+
+def test_jobs_in_flight_together_give_the_images_each_gives_alone(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    bodies: list[dict[str, Any]] = [
+        {"seed": 1},
+        {"seed": 2, "grid_size": 2, "top_k": 8},
+        {"seed": 3, "temperature": 0.5, "supercondition_factor": 4},
+        {"seed": 4, "is_seamless": True},
+    ]
+    jobs = [submit(store, **body) for body in bodies]
+    in_batch: list[int] = []
+
+    def watch(step: int) -> None:
+        in_batch.append(len(engine.batch.decoder.active))
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outcomes = list(
+            pool.map(
+                lambda job: run(job, store, storage, OnStepEngine(engine, watch), settings), jobs
+            )
+        )
+    assert outcomes == [Outcome.DONE] * len(jobs)
+    assert max(in_batch) >= 2  # they did share steps
+    for job, body in zip(jobs, bodies, strict=True):
+        expected = batch_images(engine, JobParams(text="a red apple", **body))
+        grid_size = body.get("grid_size", 1)
+        for i in range(grid_size**2):
+            tile = pixels(storage.get(image_key(job.id, i)))
+            assert torch.equal(
+                tile, pixels(png_bytes(expected[model_image_for_tile(i, grid_size)]))
+            )
 
 
 def test_a_lease_held_by_another_live_worker_defers(

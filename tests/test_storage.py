@@ -15,12 +15,13 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from tests.servers import free_port
+from worker.settings import Settings
 from worker.storage import (
     LocalStorage,
     ObjectNotFound,
     S3Storage,
     StorageUnavailable,
-    storage_from_env,
+    storage_from_settings,
 )
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
@@ -301,25 +302,26 @@ def test_local_check_reports_a_missing_folder(tmp_path: Path) -> None:
         LocalStorage(tmp_path / "absent").check()
 
 
-# storage_from_env
+# storage_from_settings
 
 
-def test_storage_from_env_defaults_to_local_files() -> None:
-    storage = storage_from_env({})
+def test_storage_from_settings_defaults_to_local_files() -> None:
+    storage = storage_from_settings(Settings.from_env({}))
     assert isinstance(storage, LocalStorage)
-    assert storage.root == Path("./dalle-farm-data/files")
+    assert storage.root == Path("dalle-farm-data/files")
 
 
-def test_storage_from_env_uses_the_data_dir(tmp_path: Path) -> None:
-    storage = storage_from_env({"DALLE_FARM_DATA_DIR": str(tmp_path)})
+def test_storage_from_settings_uses_the_data_dir(tmp_path: Path) -> None:
+    storage = storage_from_settings(Settings.from_env({"DALLE_FARM_DATA_DIR": str(tmp_path)}))
     assert isinstance(storage, LocalStorage)
     assert storage.root == tmp_path / "files"
 
 
-def test_storage_from_env_picks_s3_for_an_endpoint(aws_env: None) -> None:
-    storage = storage_from_env(
+def test_storage_from_settings_picks_s3_for_an_endpoint(aws_env: None) -> None:
+    settings = Settings.from_env(
         {"DALLE_FARM_S3_ENDPOINT_URL": "http://minio:9000", "DALLE_FARM_URL_EXPIRY_S": "900"}
     )
+    storage = storage_from_settings(settings)
     assert isinstance(storage, S3Storage)
     try:
         assert storage.bucket == "dalle-farm"
@@ -329,10 +331,9 @@ def test_storage_from_env_picks_s3_for_an_endpoint(aws_env: None) -> None:
         storage.close()
 
 
-def test_storage_from_env_picks_s3_for_a_bucket(aws_env: None) -> None:
-    storage = storage_from_env(
-        {"DALLE_FARM_S3_BUCKET": "renders", "AWS_DEFAULT_REGION": "eu-west-1"}
-    )
+def test_storage_from_settings_picks_s3_for_a_bucket(aws_env: None) -> None:
+    settings = Settings.from_env({"DALLE_FARM_S3_BUCKET": "renders"})
+    storage = storage_from_settings(settings, region="eu-west-1")
     assert isinstance(storage, S3Storage)
     try:
         assert storage.bucket == "renders"
@@ -341,11 +342,11 @@ def test_storage_from_env_picks_s3_for_a_bucket(aws_env: None) -> None:
         storage.close()
 
 
-def test_storage_from_env_rejects_a_bad_expiry(aws_env: None) -> None:
-    with pytest.raises(ValueError, match="DALLE_FARM_URL_EXPIRY_S"):
-        storage_from_env({"DALLE_FARM_S3_BUCKET": "renders", "DALLE_FARM_URL_EXPIRY_S": "1h"})
-    with pytest.raises(ValueError, match="url_expiry_s"):
-        storage_from_env({"DALLE_FARM_S3_BUCKET": "renders", "DALLE_FARM_URL_EXPIRY_S": "86400"})
+def test_settings_reject_a_bad_expiry() -> None:
+    with pytest.raises(ValueError, match="DALLE_FARM_URL_EXPIRY_S must be an integer"):
+        Settings.from_env({"DALLE_FARM_S3_BUCKET": "renders", "DALLE_FARM_URL_EXPIRY_S": "1h"})
+    with pytest.raises(ValueError, match="DALLE_FARM_URL_EXPIRY_S must be from 1 to 3600"):
+        Settings.from_env({"DALLE_FARM_S3_BUCKET": "renders", "DALLE_FARM_URL_EXPIRY_S": "86400"})
 
 
 def test_s3_storage_accepts_an_injected_client(aws_env: None) -> None:

@@ -16,6 +16,7 @@ import redis
 from tests.servers import RedisServer, free_port, running_redis
 from worker.job import JobRecord, JobStatus, new_job_id, utc_now
 from worker.queue import JobQueue
+from worker.queue_sqlite import SqliteJobQueue
 from worker.store import (
     DURATION_BUCKETS_S,
     IdempotencyConflict,
@@ -24,7 +25,7 @@ from worker.store import (
     StoreUnavailable,
 )
 from worker.store_redis import RedisJobStore, redact_url
-from worker.store_sqlite import SqliteJobQueue, SqliteJobStore
+from worker.store_sqlite import SqliteJobStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER_ALIVE_S = 0.5
@@ -556,7 +557,7 @@ def test_queue_survives_reopening(tmp_path: Path) -> None:
 
 _LEASE_ALL = """
 import sys, time
-from worker.store_sqlite import SqliteJobQueue
+from worker.queue_sqlite import SqliteJobQueue
 path, worker, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with SqliteJobQueue(path) as queue:
     time.sleep(max(0.0, start_at - time.time()))

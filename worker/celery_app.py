@@ -1,25 +1,35 @@
 """The distributed farm's Celery app: one task, `dalle_farm.run_job(job_id)`, over Redis.
 
-    celery -A worker.celery_app worker -Q dalle-farm.mini --pool prefork --concurrency 1
+    celery -A worker.celery_app worker -Q dalle-farm.mini --pool threads --concurrency 8
 
 (`dalle-farm worker` starts one such process per GPU.) The app is built from Settings on first
 use, not at import, so importing this module reads no environment and loads no model.
 
+One process per GPU holds the model once; its thread pool runs up to DALLE_FARM_MAX_JOBS tasks
+at a time, and each task's run_job hands its job to the process's batching engine
+(worker/batching.py), which decodes all of them together. The prefork pool still works (one
+model per pool process, one job each), but only the thread pool batches.
+
 Delivery guarantees, and why each setting is what it is:
 
 - acks_late: a job's message is acknowledged only after run_job returns, that is after every
-  result object is stored and the job recorded as finished.
-- reject_on_worker_lost: when a pool process dies mid-job (kill -9, out of memory), its worker
-  requeues the message at once; the new pool process picks the job up again.
+  result object is stored and the job recorded as finished. A worker that dies (kill -9, out
+  of memory) takes no message with it: they all come back after the visibility timeout.
+- reject_on_worker_lost: with the prefork pool, when a pool process dies mid-job its worker
+  requeues the message at once.
+- worker_prefetch_multiplier = 1: a worker reserves at most as many messages as it has threads
+  (DALLE_FARM_MAX_JOBS), all of them running in the batch, so it never sits on a backlog that
+  other GPUs could take.
 - visibility_timeout = DALLE_FARM_VISIBILITY_TIMEOUT_S (default 60): when the whole worker is
   killed, its unacknowledged message stays in Redis, and Redis hands it to another worker after
   this many seconds (plus up to `unacked_restore_interval`), so a vanished worker's job is
   running again within about two minutes, not Redis's default hour. A job that runs longer than
   the timeout may be delivered a second time while it runs: harmless, because the second
   delivery finds the first worker's live lease and is deferred (retried every few seconds) until
-  the job is finished, and then does nothing.
-- worker_prefetch_multiplier = 1: a worker holds at most one job besides the one it runs, so
-  other GPUs are not starved while one worker sits on a backlog.
+  the job is finished, and then does nothing. In a batch a job takes longer than alone (every
+  step serves all jobs), so long batches make such duplicate deliveries more common, never
+  duplicate work. A redelivered job resumes from its last checkpoint (every 32 tokens), so a
+  worker's death costs at most 32 steps of each of its jobs, plus the timeout.
 
 A run_job outcome of DEFERRED retries the task in a few seconds, forever (the lease holder is
 alive, and will finish or die). StorageUnavailable retries with backoff up to
@@ -189,23 +199,41 @@ def _fail(store: JobStore, job_id: str, error: str) -> None:
 # -- the worker process's signals -------------------------------------------------------------
 
 
-@signals.worker_process_init.connect
-def _load_model_in_pool_process(**_: Any) -> None:
-    """Load the model as each pool process starts, so that it is resident before the first
-    job; then tell `dalle-farm worker` that this worker is ready.
-
-    A worker that cannot load its model must not take jobs (it would fail or bounce every job
-    of the farm): it stops itself instead, and `dalle-farm worker` reports it.
-    """
-    app = _default_app
-    if app is None:
+@signals.worker_init.connect
+def _load_model_in_threads_worker(sender: Any = None, **_: Any) -> None:
+    """With the thread pool, load the model in the worker process itself before it consumes."""
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if _default_app is None or "thread" not in str(name).lower():
         return
     try:
-        worker_resources(app.conf.dalle_farm_settings)
+        _load_and_report_ready(_default_app)
+    except Exception:
+        log.exception("the model could not be loaded; stopping this worker")
+        raise SystemExit(1) from None
+
+
+@signals.worker_process_init.connect
+def _load_model_in_pool_process(**_: Any) -> None:
+    """With the prefork pool, load the model as each pool process starts."""
+    if _default_app is None:
+        return
+    try:
+        _load_and_report_ready(_default_app)
     except Exception:
         log.exception("the model could not be loaded; stopping this worker")
         os.kill(os.getppid(), signal.SIGTERM)  # a warm shutdown of the main process
         raise
+
+
+def _load_and_report_ready(app: Celery) -> None:
+    """Load the model so that it is resident before the first job; then tell
+    `dalle-farm worker` that this worker is ready.
+
+    A worker that cannot load its model must not take jobs (it would fail or bounce every job
+    of the farm): the callers stop it instead, and `dalle-farm worker` reports it.
+    """
+    worker_resources(app.conf.dalle_farm_settings)
     ready_file = os.environ.get(READY_FILE_ENV)
     if ready_file:
         Path(ready_file).write_text(f"{os.getpid()}\n")

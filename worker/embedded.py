@@ -1,12 +1,14 @@
 """The embedded farm's worker: a loop over the SQLite queue that `dalle-farm serve` runs as its
 child process (`python -m worker.embedded`).
 
-It runs the same `run_job` as the Celery workers. A job's queue row is leased for
-QUEUE_LEASE_S and the lease extended while the job runs, so a worker that dies leaves the row to
-be leased again; it is acknowledged (removed) only when run_job is DONE with it.
+It runs the same `run_job` as the Celery workers, on DALLE_FARM_MAX_JOBS threads that share
+one engine, so their jobs decode in one batch. A job's queue row is leased for QUEUE_LEASE_S
+and the lease extended while the job runs, so a worker that dies leaves the row to be leased
+again; it is acknowledged (removed) only when run_job is DONE with it.
 
-SIGTERM or SIGINT: the current job is handed back at its next decoder step (queued again, its
-queue lease released) and the loop exits; the next start runs it from the beginning.
+SIGTERM or SIGINT: the jobs running are handed back at their next decoder step (queued again,
+their queue leases released) and the loop exits; the next start resumes them from their last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from worker.queue_sqlite import SqliteJobQueue
 from worker.runner import Outcome, RenderEngine, lease_owner, run_job
 from worker.settings import Settings
 from worker.storage import Storage, StorageUnavailable
 from worker.store import JobStore, StoreUnavailable
-from worker.store_sqlite import SqliteJobQueue
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +83,36 @@ def work(
     name: str | None = None,
     on_idle: Callable[[], None] | None = None,
 ) -> None:
-    """Run queued jobs until `stop` is set; a job running then is handed back."""
+    """Run queued jobs on settings.max_jobs threads until `stop` is set; the jobs running then
+    are handed back."""
     name = name or worker_name()
-    owner = lease_owner(name)
     beat = _Beat(store, name)
+    threads = [
+        threading.Thread(
+            target=_work_loop,
+            args=(settings, store, storage, queue, engine, stop, name, beat, on_idle),
+            name=f"job-{number}",
+        )
+        for number in range(settings.max_jobs)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _work_loop(
+    settings: Settings,
+    store: JobStore,
+    storage: Storage,
+    queue: SqliteJobQueue,
+    engine: RenderEngine,
+    stop: threading.Event,
+    name: str,
+    beat: _Beat,
+    on_idle: Callable[[], None] | None,
+) -> None:
+    owner = lease_owner(name)
     while not stop.is_set():
         beat.maybe()
         try:
@@ -144,15 +172,19 @@ def _try(action: Callable[[], object]) -> None:
 
 
 class _Beat:
+    """The worker's heartbeat, beaten by whichever job thread comes by when it is due."""
+
     def __init__(self, store: JobStore, name: str) -> None:
         self.store, self.name = store, name
         self._next = 0.0
+        self._lock = threading.Lock()
 
     def maybe(self) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + WORKER_HEARTBEAT_S
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                return
+            self._next = now + WORKER_HEARTBEAT_S
         try:
             self.store.worker_heartbeat(self.name)
         except StoreUnavailable as error:
@@ -203,6 +235,7 @@ def main() -> int:
             stop=stop,
         )
     finally:
+        engine.close()
         queue.close()
         store.close()
     log.info("worker stopped")

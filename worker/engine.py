@@ -1,7 +1,8 @@
 """The model a worker keeps resident, and the PNGs it renders for a job.
 
 `Engine.load(settings)` builds MinDalle once per process (device and dtype resolved from
-Settings), and `Engine.render(params)` turns JobParams into PNG bytes:
+Settings) and starts its batching engine (worker/batching.py); `Engine.render(params)`, called
+from any number of job threads at once, turns JobParams into PNG bytes:
 
 - the grid, as one image;
 - one tile per image, in row-major tile order (the order of the tile files `{i}.png`);
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +34,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from model.config import IMAGE_TOKEN_COUNT
+from model.generate import START_TOKEN, SamplingSettings
 from model.min_dalle import MinDalle
 from model.vqgan import PIXELS_PER_SIDE
 from model.weights import WeightPaths
+from worker.batching import CHECKPOINT_EVERY, BatchEngine, CheckpointCallback
 from worker.job import JobParams
 from worker.settings import Settings
 
@@ -43,6 +48,8 @@ log = logging.getLogger(__name__)
 # Beside the weights: {"<relative path>": {"size": …, "mtime_ns": …, "sha256": …}, …}
 DIGEST_CACHE_NAME = ".dalle-farm-sha256.json"
 _HASH_CHUNK_BYTES = 1 << 20
+# However much memory there is, a batch beyond this many rows only makes each step slower.
+MAX_BATCH_ROWS = 4096
 
 StepCallback = Callable[[int, int], None]
 # (frame number from 1, PNG bytes of the whole grid at that frame)
@@ -92,11 +99,16 @@ def grid_tiles(grid: torch.Tensor, grid_size: int) -> list[torch.Tensor]:
 
 
 class Engine:
-    """A resident MinDalle and the identity of its weights. Build it with `Engine.load`."""
+    """A resident MinDalle, its batching engine, and the identity of its weights.
 
-    def __init__(self, model: MinDalle, weights: dict[str, Any]) -> None:
+    Build it with `Engine.load`. `render` may be called from many threads at once: their jobs
+    decode together (worker/batching.py).
+    """
+
+    def __init__(self, model: MinDalle, weights: dict[str, Any], max_rows: int) -> None:
         self.model = model
         self.weights = weights
+        self.batch = BatchEngine(model, max_rows)
 
     @property
     def model_name(self) -> str:
@@ -127,17 +139,30 @@ class Engine:
             is_verbose=False,
         )
         weights = weights_identity(WeightPaths(Path(settings.models_root), is_mega))
-        return cls(model, weights)
+        max_rows = settings.batch_rows or batch_rows_for_memory(model)
+        log.info("batch: up to %d decoder rows (%d images)", max_rows, max_rows // 2)
+        return cls(model, weights, max_rows)
+
+    def close(self) -> None:
+        self.batch.close()
 
     def render(
         self,
         params: JobParams,
         on_step: StepCallback | None = None,
         on_preview: PreviewCallback | None = None,
+        *,
+        job_id: str | None = None,
+        resume: list[list[int]] | None = None,
+        on_checkpoint: CheckpointCallback | None = None,
     ) -> Rendered:
-        """Generate the job's images. `on_step(step, 256)` runs after each decoder step; an
-        exception it raises stops generation and propagates. `on_preview` gets each
-        intermediate frame's grid PNG when params.progressive_outputs is set.
+        """Generate the job's images, decoding among the other jobs in flight.
+
+        `on_step(step, 256)` runs in this thread as the decoder advances; an exception it raises
+        drops the job at the next step and propagates. `on_preview(frame, png)` gets the grid
+        every 32 tokens when params.progressive_outputs is set; `on_checkpoint(step, tokens)`
+        gets the tokens so far every 32 tokens, and `resume` (such tokens) continues from them:
+        the images equal an uninterrupted run's.
 
         Raises ValueError for parameters the model refuses.
         """
@@ -145,37 +170,51 @@ class Engine:
             raise ValueError(
                 f"this worker serves DALL·E {self.model_name}, but the job asks for {params.model}"
             )
-        frames = self.model.generate_raw_image_stream(
-            text=params.text,
-            seed=params.seed,
-            grid_size=params.grid_size,
-            progressive_outputs=params.progressive_outputs,
-            is_seamless=params.is_seamless,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            supercondition_factor=params.supercondition_factor,
-            is_verbose=False,
+        previews = on_preview if params.progressive_outputs else None
+
+        def on_snapshot(step: int, tokens: torch.Tensor) -> None:
+            if on_checkpoint is not None:
+                on_checkpoint(step, tokens.tolist())
+            if previews is not None:
+                partial = torch.full((tokens.shape[0], IMAGE_TOKEN_COUNT), START_TOKEN)
+                partial[:, :step] = tokens
+                frame = self.model.detokenize(partial, params.is_seamless)
+                previews(step // CHECKPOINT_EVERY, png_bytes(frame))
+
+        tokens = self.batch.decode(
+            job_id or f"anonymous-{uuid.uuid4().hex}",
+            params.text,
+            params.seed,
+            params.grid_size,
+            SamplingSettings(
+                float(params.temperature), int(params.top_k), float(params.supercondition_factor)
+            ),
+            resume=resume,
             on_step=on_step,
+            on_snapshot=on_snapshot if on_checkpoint or previews else None,
         )
-        grid: torch.Tensor | None = None
-        frame_number = 0
-        try:
-            for frame in frames:
-                # The frame before this one was not the last: it is a preview.
-                if grid is not None and on_preview is not None:
-                    on_preview(frame_number, png_bytes(grid))
-                grid = frame
-                frame_number += 1
-        finally:
-            # Free the decoder's state now if a callback stopped generation early.
-            close = getattr(frames, "close", None)
-            if close is not None:
-                close()
-        assert grid is not None  # the stream always yields the final frame
+        grid = self.model.detokenize(tokens, params.is_seamless)
         return Rendered(
             grid_png=png_bytes(grid),
             tile_pngs=[png_bytes(tile) for tile in grid_tiles(grid, params.grid_size)],
         )
+
+
+def batch_rows_for_memory(model: MinDalle) -> int:
+    """The decoder rows whose KV caches fit in half the free memory (the GPU's, or the host's).
+
+    A row's cache is layers × 2 (keys, values) × 256 positions × embed_count numbers; the
+    activations of a step add a fraction of that, covered by using only half the memory.
+    """
+    config = model.config
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    row_bytes = config.layer_count * 2 * IMAGE_TOKEN_COUNT * config.embed_count * itemsize
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    rows = int(free * 0.5 // row_bytes)
+    return max(2, min(rows, MAX_BATCH_ROWS))
 
 
 # -- weights identity -------------------------------------------------------------------------

@@ -8,6 +8,8 @@ queue; everything that makes a job safe to deliver twice, to crash in and to can
 - each start counts an attempt; past settings.max_attempts the job fails ("crashed workers");
 - a heartbeat thread renews the lease while the job runs, so a dead worker's lease expires;
 - the decoder's on_step reports progress and stops at the next step once a cancel is asked;
+- every 32 decoder steps the tokens so far are saved in the job's record (its checkpoint); a
+  job redelivered after its worker died resumes from there and ends with the identical images;
 - previews, tiles, the grid and then job.json (the commit marker) are stored, and only then is
   the job moved to succeeded;
 - storage that is down (StorageUnavailable) hands the job back (queued) and re-raises, so the
@@ -38,6 +40,8 @@ from worker.job import (
     JobParams,
     JobRecord,
     JobStatus,
+    decode_tokens,
+    encode_tokens,
     grid_key,
     image_key,
     job_json_key,
@@ -85,6 +89,10 @@ class RenderEngine(Protocol):
         params: JobParams,
         on_step: Callable[[int, int], None] | None = None,
         on_preview: Callable[[int, bytes], None] | None = None,
+        *,
+        job_id: str | None = None,
+        resume: list[list[int]] | None = None,
+        on_checkpoint: Callable[[int, list[list[int]]], None] | None = None,
     ) -> RenderedImages: ...
 
 
@@ -97,13 +105,15 @@ def lease_ttl_s(settings: Settings) -> float:
     return max(MIN_LEASE_TTL_S, min(float(settings.visibility_timeout_s), MAX_LEASE_TTL_S))
 
 
-def lease_owner(worker_name: str, pid: int | None = None) -> str:
-    """The lease holder's name: the worker and its process, as `name#pid`.
+def lease_owner(worker_name: str, pid: int | None = None, thread: int | None = None) -> str:
+    """The lease holder's name: the worker, its process and thread, as `name#pid/thread`.
 
-    Two pool processes of one worker must not run the same job at once, and a dead process's
-    lease can be recognised (and released early) by its own worker; see _take_lease.
+    Two threads or processes of one worker must not run the same job at once (a message
+    delivered twice), and a dead process's lease can be recognised (and released early) by its
+    own worker; see _take_lease.
     """
-    return f"{worker_name}#{os.getpid() if pid is None else pid}"
+    pid = os.getpid() if pid is None else pid
+    return f"{worker_name}#{pid}/{threading.get_ident() if thread is None else thread}"
 
 
 class _Canceled(Exception):
@@ -238,7 +248,8 @@ def _take_lease(store: JobStore, job_id: str, worker_name: str, owner: str, ttl_
     holder = store.lease_holder(job_id)
     if holder is None:
         return store.renew_lease(job_id, owner, ttl_s)
-    name, _, pid = holder.rpartition("#")
+    name, _, process = holder.rpartition("#")
+    pid = process.partition("/")[0]
     if name == worker_name and pid.isdigit() and not _process_alive(int(pid)):
         log.info("job %s: its lease holder %s is dead; taking over", job_id, holder)
         store.release_lease(job_id, holder)
@@ -292,12 +303,14 @@ def _run_leased(
         _finish(store, job_id, JobStatus.FAILED, record, error=f"invalid job parameters: {error}")
         return Outcome.DONE
 
+    resume = _checkpoint_tokens(record, params)
+    resumed_from = len(resume[0]) if resume else 0
     started_at = utc_now()
     fields: dict[str, Any] = {
         "started_at": started_at,
         "worker": worker_name,
         "attempts": attempts,
-        "progress_step": 0,
+        "progress_step": resumed_from,
         # The seed actually used, recorded before rendering so that a retry draws the same one.
         "params": params.to_dict(),
         "error": None,
@@ -308,7 +321,13 @@ def _run_leased(
             return Outcome.DONE
     else:  # RUNNING: redelivered after a worker died or handed it back
         store.update(job_id, **fields)
-    log.info("job %s: attempt %d on %s", job_id, attempts, worker_name)
+    log.info(
+        "job %s: attempt %d on %s%s",
+        job_id,
+        attempts,
+        worker_name,
+        f", resuming at token {resumed_from}" if resumed_from else "",
+    )
 
     with _Heartbeat(store, job_id, worker_name, owner, ttl_s) as heartbeat:
         job = _JobRun(job_id, store, storage, heartbeat)
@@ -318,6 +337,9 @@ def _run_leased(
                 params,
                 on_step=_Progress(store, job_id, heartbeat, stop_requested),
                 on_preview=job.store_preview if params.progressive_outputs else None,
+                job_id=job_id,
+                resume=resume,
+                on_checkpoint=job.store_checkpoint,
             )
             render_s = time.monotonic() - render_started
             upload_started = time.monotonic()
@@ -332,6 +354,7 @@ def _run_leased(
                 "weights": engine.weights,
                 "worker": worker_name,
                 "attempts": attempts,
+                "resumed_from": resumed_from,
                 "timings": {
                     "created_at": record.created_at,
                     "started_at": started_at,
@@ -387,6 +410,7 @@ def _run_leased(
         progress_step=record.progress_total,
         result=job.result,
         error=None,
+        checkpoint=None,
     )
     if succeeded is None:  # canceled or failed meanwhile: the objects stay, harmless
         log.info("job %s ended elsewhere while it was being stored", job_id)
@@ -414,6 +438,14 @@ class _JobRun:
         content_type = "application/json" if kind == "json" else "image/png"
         self.storage.put(key, data, content_type)
 
+    def store_checkpoint(self, step: int, tokens: list[list[int]]) -> None:
+        if self.heartbeat.lost.is_set():
+            raise _LeaseLost
+        try:
+            self.store.update(self.job_id, checkpoint=encode_tokens(tokens))
+        except StoreUnavailable as error:  # the next checkpoint may get through
+            log.warning("job %s: could not save its checkpoint: %s", self.job_id, error)
+
     def store_preview(self, frame: int, png: bytes) -> None:
         key = preview_key(self.job_id, frame)
         self.put(key, png)
@@ -429,6 +461,21 @@ class _JobRun:
         self.result["grid"] = grid_key(self.job_id)
 
 
+def _checkpoint_tokens(record: JobRecord, params: JobParams) -> list[list[int]] | None:
+    """The tokens an earlier attempt saved, if they fit the job; a bad checkpoint is ignored."""
+    if record.checkpoint is None:
+        return None
+    try:
+        tokens = decode_tokens(record.checkpoint)
+    except ValueError as error:
+        log.warning("job %s: ignoring its checkpoint: %s", record.id, error)
+        return None
+    if len(tokens) != params.grid_size**2 or not 0 < len(tokens[0]) < record.progress_total:
+        log.warning("job %s: ignoring a checkpoint that does not fit the job", record.id)
+        return None
+    return tokens
+
+
 def _finish(
     store: JobStore,
     job_id: str,
@@ -439,7 +486,8 @@ def _finish(
     started_at: str | None = None,
 ) -> None:
     finished_at = utc_now()
-    if store.transition(job_id, status, finished_at=finished_at, error=error) is None:
+    changes = {"finished_at": finished_at, "error": error, "checkpoint": None}
+    if store.transition(job_id, status, **changes) is None:
         return
     if error is not None:
         log.warning("job %s %s: %s", job_id, status.value, error)

@@ -11,21 +11,19 @@ Client libraries are imported inside the builders, so each mode loads only its o
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from worker.queue import JobQueue
 from worker.settings import Settings
-from worker.storage import Storage, storage_from_env
+from worker.storage import Storage, storage_from_settings
 from worker.store import JobStore
 
 if TYPE_CHECKING:
-    from worker.store_sqlite import SqliteJobQueue
+    from worker.queue_sqlite import SqliteJobQueue
 
 # The embedded farm's database, in Settings.data_dir; the store and the queue share it.
 EMBEDDED_DATABASE = "farm.db"
-EMBEDDED_FILES = "files"
 
 
 @dataclass
@@ -55,7 +53,7 @@ def build_store(settings: Settings) -> JobStore:
 
 
 def build_embedded_queue(settings: Settings) -> SqliteJobQueue:
-    from worker.store_sqlite import SqliteJobQueue
+    from worker.queue_sqlite import SqliteJobQueue
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return SqliteJobQueue(settings.data_dir / EMBEDDED_DATABASE)
@@ -67,20 +65,7 @@ def build_storage(settings: Settings, *, ensure_bucket: bool = False) -> Storage
     With `ensure_bucket`, create the bucket or folder if it is missing (raises
     StorageUnavailable when the store cannot be reached).
     """
-    environ = {
-        "DALLE_FARM_DATA_DIR": str(settings.data_dir),
-        "DALLE_FARM_URL_EXPIRY_S": str(settings.url_expiry_s),
-    }
-    if settings.s3_bucket is not None:
-        environ["DALLE_FARM_S3_BUCKET"] = settings.s3_bucket
-    if settings.s3_endpoint_url is not None:
-        environ["DALLE_FARM_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
-    if settings.s3_public_url is not None:
-        environ["DALLE_FARM_S3_PUBLIC_URL"] = settings.s3_public_url
-    # Not in Settings: the region, which boto3 reads (with the credentials) from the environment.
-    if os.environ.get("AWS_DEFAULT_REGION"):
-        environ["AWS_DEFAULT_REGION"] = os.environ["AWS_DEFAULT_REGION"]
-    storage = storage_from_env(environ)
+    storage = storage_from_settings(settings)
     if ensure_bucket:
         storage.ensure_bucket()
     return storage

@@ -16,6 +16,9 @@ DALLE_FARM_DATA_DIR           embedded mode's database and result files (default
                               ./dalle-farm-data)
 DALLE_FARM_MAX_GRID_SIZE      largest grid_size a job may ask for (default 8)
 DALLE_FARM_MAX_ATTEMPTS       a job that crashed workers this many times fails (default 3)
+DALLE_FARM_MAX_JOBS           jobs a worker process decodes at once, in one batch (default 8)
+DALLE_FARM_BATCH_ROWS         decoder rows in a batch (2 per image: a 4×4 grid takes 32);
+                              0 sizes it to half the free GPU (or host) memory (default 0)
 DALLE_FARM_VISIBILITY_TIMEOUT_S  seconds before Redis hands an unacknowledged job to another
                               worker after its worker vanished (default 60)
 """
@@ -51,6 +54,8 @@ class Settings:
     max_grid_size: int = 8
     max_attempts: int = 3
     visibility_timeout_s: int = 60
+    max_jobs: int = 8
+    batch_rows: int = 0
 
     @property
     def is_embedded(self) -> bool:
@@ -106,4 +111,6 @@ class Settings:
             max_grid_size=integer("MAX_GRID_SIZE", 8, 1, 16),
             max_attempts=integer("MAX_ATTEMPTS", 3, 1, 100),
             visibility_timeout_s=integer("VISIBILITY_TIMEOUT_S", 60, 5, 86400),
+            max_jobs=integer("MAX_JOBS", 8, 1, 1024),
+            batch_rows=integer("BATCH_ROWS", 0, 0, 65536),
         )

@@ -3,7 +3,7 @@
 Torch-free, so the API imports it too: workers `put` images, the API hands out `url`s to them and
 calls `check` from /readyz.
 
-Configuration (read by `storage_from_env`):
+Configuration (worker/settings.py reads it; `storage_from_settings` builds the storage):
 
 - `DALLE_FARM_S3_BUCKET`: bucket name (default "dalle-farm" when S3 is in use).
 - `DALLE_FARM_S3_ENDPOINT_URL`: endpoint of an S3-compatible store, e.g. "http://minio:9000" or
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import quote
@@ -39,9 +38,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+    from worker.settings import Settings
+
 MAX_URL_EXPIRY_S = 3600
 DEFAULT_BUCKET = "dalle-farm"
-DEFAULT_DATA_DIR = "./dalle-farm-data"
 
 
 class StorageError(Exception):
@@ -329,28 +329,15 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
 
 
-def storage_from_env(environ: Mapping[str, str] = os.environ) -> Storage:
-    """Build the storage the environment asks for; see the module docstring for the variables.
-
-    S3 when `DALLE_FARM_S3_BUCKET` or `DALLE_FARM_S3_ENDPOINT_URL` is set, local files otherwise.
-    """
-    bucket = environ.get("DALLE_FARM_S3_BUCKET") or None
-    endpoint_url = environ.get("DALLE_FARM_S3_ENDPOINT_URL") or None
-    if bucket is None and endpoint_url is None:
-        data_dir = Path(environ.get("DALLE_FARM_DATA_DIR") or DEFAULT_DATA_DIR)
-        return LocalStorage(data_dir / "files")
-
-    raw_expiry = environ.get("DALLE_FARM_URL_EXPIRY_S") or str(MAX_URL_EXPIRY_S)
-    try:
-        url_expiry_s = int(raw_expiry)
-    except ValueError:
-        raise ValueError(
-            f"DALLE_FARM_URL_EXPIRY_S must be a whole number of seconds, got {raw_expiry!r}"
-        ) from None
+def storage_from_settings(settings: Settings, region: str | None = None) -> Storage:
+    """The storage `settings` ask for: S3 when they name a bucket or an endpoint, else files
+    under `<data_dir>/files`. boto3 reads the credentials, and the region unless given."""
+    if not settings.uses_s3:
+        return LocalStorage(settings.data_dir / "files")
     return S3Storage(
-        bucket=bucket or DEFAULT_BUCKET,
-        endpoint_url=endpoint_url,
-        region=environ.get("AWS_DEFAULT_REGION") or None,
-        url_expiry_s=url_expiry_s,
-        public_endpoint_url=environ.get("DALLE_FARM_S3_PUBLIC_URL") or None,
+        bucket=settings.s3_bucket or DEFAULT_BUCKET,
+        endpoint_url=settings.s3_endpoint_url,
+        region=region,
+        url_expiry_s=settings.url_expiry_s,
+        public_endpoint_url=settings.s3_public_url,
     )
