@@ -193,22 +193,30 @@ class BatchEngine:
     # -- the engine thread ---------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not (self._pending or self._running or self._canceled or self._closed):
-                    self._lock.wait()
-                if self._closed:
-                    break
-                canceled, self._canceled = self._canceled, set()
-            for job_id in canceled:
-                self.decoder.cancel(job_id)
-                self._running.pop(job_id, None)
-            self._admit()
-            if self._running:
-                self._step()
-        closed = RuntimeError("the batch engine was closed")
-        for ticket in [*self._running.values(), *self._pending]:
-            ticket.publish(ticket.step, error=closed)
+        reason: BaseException = RuntimeError("the batch engine was closed")
+        try:
+            while True:
+                with self._lock:
+                    while not (self._pending or self._running or self._canceled or self._closed):
+                        self._lock.wait()
+                    if self._closed:
+                        break
+                    canceled, self._canceled = self._canceled, set()
+                for job_id in canceled:
+                    self.decoder.cancel(job_id)
+                    self._running.pop(job_id, None)
+                self._admit()
+                if self._running:
+                    self._step()
+        except BaseException as error:  # a bug: fail every job rather than leave them waiting
+            log.exception("the batch engine stopped")
+            reason = error
+        with self._lock:
+            self._closed = True
+            waiting = [*self._running.values(), *self._pending]
+            self._pending.clear()
+        for ticket in waiting:
+            ticket.publish(ticket.step, error=reason)
 
     def _admit(self) -> None:
         """Move waiting jobs into the batch, in arrival order, while their rows fit."""
