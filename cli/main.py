@@ -21,7 +21,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 PROG = "dalle-farm"
-SUBCOMMANDS = ("cli.generate", "cli.api", "cli.worker", "cli.serve", "cli.keys")
+SUBCOMMANDS = (
+    "cli.generate",
+    "cli.api",
+    "cli.worker",
+    "cli.serve",
+    "cli.keys",
+    "cli.bulk",
+    "cli.weights",
+)
 
 EXIT_ERROR = 1
 # Exit status of a process stopped by Ctrl-C, by the shell's 128 + SIGINT convention.

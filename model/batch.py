@@ -109,9 +109,7 @@ class _Job:
 class BatchDecoder:
     """Decode many jobs together, continuously. Not thread-safe: drive it from one thread."""
 
-    def __init__(
-        self, model: MinDalle, max_rows: int | None = None, block_rows: int | None = None
-    ):
+    def __init__(self, model: MinDalle, max_rows: int | None = None, block_rows: int | None = None):
         if model.encoder is None or model.decoder is None:
             raise ValueError("BatchDecoder needs a MinDalle built with is_reusable=True")
         if max_rows is not None and max_rows < 2:

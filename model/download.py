@@ -1,8 +1,10 @@
-"""Download min-dalle's weight files: streamed, resumable and atomic.
+"""Download weight files: streamed, resumable and atomic.
 
 min-dalle fetches its files from ``DEFAULT_WEIGHTS_URL``, a Hugging Face repository that no
-longer exists (min-dalle issue #103). Set ``DALLE_FARM_WEIGHTS_URL`` to a mirror of the same
-files, or place them by hand; either way the layout under ``models_root`` is::
+longer exists (min-dalle issue #103). By default dalle-farm fetches the original Flax checkpoints
+instead and converts them (model.fetch, with `download_file` doing the transfers); when
+``DALLE_FARM_WEIGHTS_URL`` is set, it points to a mirror of min-dalle's files, which land in
+the layout under ``models_root``::
 
     dalle_bart_mega/{vocab.json,merges.txt,encoder.pt,decoder.pt}
     dalle_bart_mini/{vocab.json,merges.txt,encoder.pt,decoder.pt}
@@ -95,6 +97,7 @@ def download_file(
     *,
     show_progress: bool = True,
     timeout: float = 30.0,
+    advice: str | None = None,
 ) -> None:
     """Download ``url`` to ``destination`` atomically, resuming any earlier partial download.
 
@@ -105,6 +108,7 @@ def download_file(
 
     Raises `WeightsNotFoundError` when the server answers with an HTTP error, cannot be
     reached, or the transfer keeps breaking; a partial ``.part`` file is kept for next time.
+    Its message ends with ``advice`` on what to do, by default how to place min-dalle's files.
     """
     destination = Path(destination)
     part = destination.with_name(destination.name + ".part")
@@ -123,14 +127,14 @@ def download_file(
             delay=0.5,  # a download that fails at once should print only its error
         ) as bar,
     ):
-        total = _download_with_retries(session, url, part, destination, timeout, bar)
+        total = _download_with_retries(session, url, part, destination, timeout, bar, advice)
 
     size = part.stat().st_size
     if total is not None and size != total:
         # The partial file cannot be trusted any more; start from scratch next time.
         part.unlink()
         reason = f"received {size} bytes but the server announced {total}"
-        raise WeightsNotFoundError(_not_found_message(url, destination, reason))
+        raise WeightsNotFoundError(_not_found_message(url, destination, reason, advice))
     os.replace(part, destination)
     log.info("downloaded %s (%d bytes)", destination, size)
 
@@ -142,6 +146,7 @@ def _download_with_retries(
     destination: Path,
     timeout: float,
     bar: tqdm,
+    advice: str | None,
 ) -> int | None:
     """Run attempts until ``part`` holds the whole file; return the expected size if known."""
     failures = 0
@@ -151,7 +156,7 @@ def _download_with_retries(
             return _fetch_once(session, url, part, timeout, bar)
         except requests.HTTPError as err:
             raise WeightsNotFoundError(
-                _not_found_message(url, destination, _http_reason(err))
+                _not_found_message(url, destination, _http_reason(err), advice)
             ) from err
         except _BrokenTransfer as err:
             reached_server = True
@@ -162,13 +167,13 @@ def _download_with_retries(
             # wrong; retrying would only make the user wait.
             if not reached_server:
                 raise WeightsNotFoundError(
-                    _not_found_message(url, destination, _connection_reason(err, timeout))
+                    _not_found_message(url, destination, _connection_reason(err, timeout), advice)
                 ) from err
             error = err
             failures += 1
         except requests.RequestException as err:
             raise WeightsNotFoundError(
-                _not_found_message(url, destination, f"the request failed ({err})")
+                _not_found_message(url, destination, f"the request failed ({err})", advice)
             ) from err
 
         if failures > _MAX_RETRIES:
@@ -178,7 +183,9 @@ def _download_with_retries(
                 f"without progress. The {kept} bytes received so far are kept in {part.name} "
                 "and the next attempt resumes from there"
             )
-            raise WeightsNotFoundError(_not_found_message(url, destination, reason)) from error
+            raise WeightsNotFoundError(
+                _not_found_message(url, destination, reason, advice)
+            ) from error
         log.warning("download of %s interrupted (%s); resuming", url, error)
         time.sleep(_RETRY_BACKOFF_S * max(failures, 1))
 
@@ -253,11 +260,12 @@ def _fetch_once(
     return total
 
 
-def _not_found_message(url: str, destination: Path, reason: str) -> str:
+def _not_found_message(url: str, destination: Path, reason: str, advice: str | None = None) -> str:
     """Build the one message a `WeightsNotFoundError` shows: what failed and what to do."""
     lines = [
         f"Could not download {url}: {reason}.",
-        f"Either place the file by hand in {destination.parent} as {destination.name}, "
+        advice
+        or f"Either place the file by hand in {destination.parent} as {destination.name}, "
         f"or set {WEIGHTS_URL_ENV} to the base URL of a mirror of min-dalle's .pt files.",
     ]
     if url.startswith(DEFAULT_WEIGHTS_URL):

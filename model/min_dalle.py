@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model import download
+from model import fetch, manifest
 from model.bart import DalleBartDecoder, DalleBartEncoder, TextContext
 from model.config import ModelConfig
 from model.errors import ModelError
 from model.generate import SamplingSettings, StepCallback, decode_image_tokens
 from model.tokenizer import TextTokenizer, text_tokens
 from model.vqgan import PIXELS_PER_SIDE, VQGanDetokenizer
-from model.weights import WeightPaths, load_module
+from model.weights import Stage, WeightPaths, load_module
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class MinDalle:
         self.paths = WeightPaths(Path(models_root), is_mega)
         self._log("using device %s", self.device)
 
-        self._fetch(self.paths.vocab, self.paths.merges)
+        if not (self.paths.vocab.is_file() and self.paths.merges.is_file()):
+            self._fetch_missing()
+        manifest.check_sizes([self.paths.vocab, self.paths.merges])
         self.config = resolve_config(self.paths, config)
         self.tokenizer = TextTokenizer.from_files(self.paths.vocab, self.paths.merges)
 
@@ -78,34 +80,34 @@ class MinDalle:
     def _log(self, message: str, *args: Any) -> None:
         logger.log(logging.INFO if self.is_verbose else logging.DEBUG, message, *args)
 
-    def _fetch(self, *files: Path) -> None:
-        for path in files:
-            download.ensure_file(
-                path,
-                download.remote_file_name(path.name, self.is_mega),
-                show_progress=self.is_verbose,
-            )
+    def _fetch_missing(self) -> None:
+        # By default the original checkpoints, converted once; see model.fetch.
+        fetch.ensure_weights(self.paths, show_progress=self.is_verbose)
+
+    def _stage_file(self, stage: Stage) -> Path:
+        """The file a stage loads, fetched first if missing, and checked against the manifest."""
+        if not self.paths.has_stage(stage):
+            self._fetch_missing()
+        path = self.paths.stage_file(stage)
+        manifest.check_sizes([path])
+        return path
 
     def _load_encoder(self) -> DalleBartEncoder:
-        self._fetch(self.paths.encoder)
+        path = self._stage_file("encoder")
         self._log("initializing DalleBartEncoder")
-        return load_module(
-            lambda: DalleBartEncoder(self.config), self.paths.encoder, self.device, self.dtype
-        )
+        return load_module(lambda: DalleBartEncoder(self.config), path, self.device, self.dtype)
 
     def _load_decoder(self) -> DalleBartDecoder:
-        self._fetch(self.paths.decoder)
+        path = self._stage_file("decoder")
         self._log("initializing DalleBartDecoder")
-        return load_module(
-            lambda: DalleBartDecoder(self.config), self.paths.decoder, self.device, self.dtype
-        )
+        return load_module(lambda: DalleBartDecoder(self.config), path, self.device, self.dtype)
 
     def _load_detokenizer(self) -> VQGanDetokenizer:
-        self._fetch(self.paths.detoker)
+        path = self._stage_file("detoker")
         self._log("initializing VQGanDetokenizer")
         # Always float32, as in min-dalle: the VQGAN is a small part of the time, and its output
         # is the image itself.
-        return load_module(VQGanDetokenizer, self.paths.detoker, self.device, torch.float32)
+        return load_module(VQGanDetokenizer, path, self.device, torch.float32)
 
     def _release(self, *names: str) -> None:
         """With is_reusable=False, free stages after use so only one is resident at a time."""

@@ -123,13 +123,13 @@ def write_random_weights(
     encoder, decoder = DalleBartEncoder(config), DalleBartDecoder(config)
     randomize_(encoder, generator)
     randomize_(decoder, generator)
-    torch.save(bart_state_dict(encoder), paths.encoder)
-    torch.save(bart_state_dict(decoder), paths.decoder)
+    torch.save(bart_state_dict(encoder), paths.stage_files("encoder")[1])
+    torch.save(bart_state_dict(decoder), paths.stage_files("decoder")[1])
 
     detokenizer = VQGanDetokenizer()
     randomize_vqgan_(detokenizer, generator)
     paths.vqgan_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(detokenizer.state_dict(), paths.detoker)
+    torch.save(detokenizer.state_dict(), paths.stage_files("detoker")[1])
     return paths
 
 
@@ -153,10 +153,22 @@ def main() -> None:
     parser.add_argument("models_root", type=Path)
     parser.add_argument("--size", choices=("small", "mini"), default="small")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--flax",
+        type=Path,
+        metavar="HUB_DIR",
+        help="also write the same weights as the hub's Flax checkpoints under HUB_DIR/dalle-mini/, "
+        "to try `dalle-farm weights convert` or `weights fetch --from HUB_DIR`",
+    )
     args = parser.parse_args()
     config = SMALL_CONFIG if args.size == "small" else ModelConfig.mini()
     paths = write_random_weights(args.models_root, config, is_mega=False, seed=args.seed)
     print(f"wrote random {args.size} weights (images will be noise) to {paths.models_root}")  # noqa: T201
+    if args.flax is not None:
+        from model.random_flax import write_flax_checkpoints
+
+        folders = write_flax_checkpoints(paths, config, args.flax)
+        print(f"wrote them as Flax checkpoints to {folders[0]} and {folders[1]}")  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""Where min-dalle's weight files live, and strict, code-free loading of them.
+"""Where the weight files live, and strict, code-free loading of them.
 
-Layout under models_root (min-dalle's):
-    dalle_bart_mini/ or dalle_bart_mega/   vocab.json, merges.txt, encoder.pt, decoder.pt,
-                                            and optionally config.json (ModelConfig fields)
-    vqgan/                                  detoker.pt
+Layout under models_root (min-dalle's, plus safetensors files and a manifest):
+    dalle_bart_mini/ or dalle_bart_mega/   vocab.json, merges.txt, encoder and decoder
+                                            (.safetensors or min-dalle's .pt), optionally
+                                            config.json (ModelConfig fields), manifest.json
+    vqgan/                                  detoker (.safetensors or .pt), manifest.json
+
+When a stage has both files, the .safetensors one is loaded: it is memory-mapped rather than
+unpickled. Both are read without running code.
 """
 
 from __future__ import annotations
@@ -12,16 +16,20 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from model.errors import WeightsFormatError
+from model.tensor_files import SAFETENSORS_SUFFIX, read_header
 
 logger = logging.getLogger(__name__)
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+Stage = Literal["encoder", "decoder", "detoker"]
+STAGES: tuple[Stage, ...] = ("encoder", "decoder", "detoker")
 
 # DALL·E Mini/Mega were trained with NormFormer layer norms that have no scale where a dense layer
 # follows (dalle-mini's force_ln_scale=False), so the published files have no `.weight` for them.
@@ -66,13 +74,16 @@ class WeightPaths:
     def merges(self) -> Path:
         return self.dalle_dir / "merges.txt"
 
+    # encoder, decoder, detoker: the file a stage loads, as `stage_file`: min-dalle's .pt file,
+    # or the .safetensors file beside it that takes its place when present.
+
     @property
     def encoder(self) -> Path:
-        return self.dalle_dir / "encoder.pt"
+        return self.stage_file("encoder")
 
     @property
     def decoder(self) -> Path:
-        return self.dalle_dir / "decoder.pt"
+        return self.stage_file("decoder")
 
     @property
     def config(self) -> Path:
@@ -80,11 +91,34 @@ class WeightPaths:
 
     @property
     def detoker(self) -> Path:
-        return self.vqgan_dir / "detoker.pt"
+        return self.stage_file("detoker")
+
+    def stage_files(self, stage: Stage) -> tuple[Path, Path]:
+        """The (.safetensors, .pt) files a stage ("encoder", "decoder", "detoker") can load."""
+        folder = self.vqgan_dir if stage == "detoker" else self.dalle_dir
+        return folder / f"{stage}{SAFETENSORS_SUFFIX}", folder / f"{stage}.pt"
+
+    def stage_file(self, stage: Stage) -> Path:
+        """The file a stage loads: its .safetensors file when there is one, else its .pt file
+        (which may not exist yet)."""
+        safetensors_file, pt_file = self.stage_files(stage)
+        return safetensors_file if safetensors_file.exists() else pt_file
+
+    def has_stage(self, stage: Stage) -> bool:
+        return any(path.exists() for path in self.stage_files(stage))
+
+    def model_files(self) -> list[Path]:
+        """Every file loading this model reads, as far as they exist."""
+        files = [self.vocab, self.merges, self.config]
+        files += [self.stage_file(stage) for stage in STAGES]
+        return [path for path in files if path.is_file()]
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read a .pt state dict with weights_only=True: tensors and plain containers, never code."""
+    """Read a state dict without running code: a .safetensors file (memory-mapped), or a .pt
+    file with weights_only=True (tensors and plain containers only)."""
+    if Path(path).suffix == SAFETENSORS_SUFFIX:
+        return read_safetensors(Path(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -99,6 +133,23 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     ):
         raise WeightsFormatError(f"{path} does not hold a state dict of named tensors")
     return state
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Read a .safetensors file; a truncated or corrupted one is a WeightsFormatError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    read_header(path)  # names the file, and says "truncated", where safetensors would not
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsFormatError(
+            f"cannot read {path}: {err}. The file is truncated or corrupted; delete it and "
+            "download or convert it again."
+        ) from err
 
 
 def load_module(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,11 @@ import pytest
 from model.random_weights import SMALL_CONFIG, write_random_weights
 
 __all__ = ["SMALL_CONFIG"]
+
+# A test that builds a model on a folder without weights must never download the real
+# multi-GB checkpoints: missing weights come from nowhere unless a test serves them itself.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ.pop("DALLE_FARM_WEIGHTS_URL", None)
 
 
 @pytest.fixture(scope="session")

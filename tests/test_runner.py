@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,8 +21,11 @@ import torch
 from PIL import Image
 
 from model.batch import BatchDecoder
+from model.errors import WeightsFormatError
 from model.generate import SamplingSettings
-from worker.engine import Engine, Rendered, batch_rows_for_memory, png_bytes, weights_identity
+from model.manifest import weights_identity
+from model.weights import WeightPaths
+from worker.engine import Engine, Rendered, batch_rows_for_memory, png_bytes
 from worker.job import (
     JobParams,
     JobRecord,
@@ -477,18 +482,19 @@ def test_progressive_outputs_store_previews(
     assert all(storage.exists(key) for key in previews)
 
 
-def test_weight_digests_are_cached_beside_the_weights(
-    small_models_root: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+def test_the_worker_names_its_weights_and_refuses_files_that_no_longer_match_their_manifest(
+    small_models_root: Path, engine: Engine, settings: Settings, tmp_path: Path
 ) -> None:
-    from worker import engine as engine_module
+    assert engine.weights == weights_identity(engine.model.paths, verify=True)
+    assert not (small_models_root / "dalle_bart_mini" / "manifest.json").exists()
 
-    cache = json.loads((small_models_root / engine_module.DIGEST_CACHE_NAME).read_text())
-    assert "dalle_bart_mini/decoder.pt" in cache
-    # A new process (an empty in-memory cache) reads the file instead of hashing again.
-    monkeypatch.setattr(engine_module, "_identity_cache", {})
-
-    def no_hashing(path: Path) -> str:
-        raise AssertionError(f"{path} was hashed again")
-
-    monkeypatch.setattr(engine_module, "sha256_file", no_hashing)
-    assert weights_identity(engine.model.paths) == engine.weights
+    damaged = tmp_path / "damaged"
+    shutil.copytree(small_models_root, damaged)
+    paths = WeightPaths(damaged, is_mega=False)
+    recorded = weights_identity(paths, record=True)  # writes the manifests
+    assert recorded["sha256"] == engine.weights["sha256"] and recorded["manifests"]
+    data = bytearray(paths.decoder.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside a tensor: it still loads
+    paths.decoder.write_bytes(bytes(data))
+    with pytest.raises(WeightsFormatError, match=r"decoder\.pt does not match"):
+        Engine.load(dataclasses.replace(settings, models_root=damaged))

@@ -9,26 +9,20 @@ from any number of job threads at once, turns JobParams into PNG bytes:
 - with progressive_outputs, a preview grid per intermediate decoder frame, handed to a callback
   as soon as it exists.
 
-`weights_identity(paths)` names the exact weights a job was rendered with (sha256 of each file),
-for job.json. Hashing a multi-GB Mega checkpoint takes a while, so the digests are cached in a
-small JSON file beside the weights, keyed by (path, size, mtime_ns): a restarted worker rereads
-the cache instead of the weights.
+The engine's `weights` is model.manifest.weights_identity: every file the model loads, hashed
+again when the worker starts and checked against the manifest beside it, for job.json.
 
 torch is imported here; the API never imports this module.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import os
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,18 +30,15 @@ from PIL import Image
 
 from model.config import IMAGE_TOKEN_COUNT
 from model.generate import START_TOKEN, SamplingSettings
+from model.manifest import weights_identity
 from model.min_dalle import MinDalle
 from model.vqgan import PIXELS_PER_SIDE
-from model.weights import WeightPaths
 from worker.batching import CHECKPOINT_EVERY, BatchEngine, CheckpointCallback
 from worker.job import JobParams
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Beside the weights: {"<relative path>": {"size": …, "mtime_ns": …, "sha256": …}, …}
-DIGEST_CACHE_NAME = ".dalle-farm-sha256.json"
-_HASH_CHUNK_BYTES = 1 << 20
 # However much memory there is, a batch beyond this many rows only makes each step slower.
 MAX_BATCH_ROWS = 4096
 
@@ -138,7 +129,10 @@ class Engine:
             is_reusable=True,
             is_verbose=False,
         )
-        weights = weights_identity(WeightPaths(Path(settings.models_root), is_mega))
+        # Re-hashed at every start (about a second per GB) and checked against the manifest, if
+        # the weights have one: job.json then names the bytes that rendered, not what a
+        # manifest once said. Nothing is written into the (possibly shared) models folder.
+        weights = weights_identity(model.paths, verify=True)
         max_rows = settings.batch_rows or batch_rows_for_memory(model)
         log.info("batch: up to %d decoder rows (%d images)", max_rows, max_rows // 2)
         return cls(model, weights, max_rows)
@@ -215,91 +209,3 @@ def batch_rows_for_memory(model: MinDalle) -> int:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     rows = int(free * 0.5 // row_bytes)
     return max(2, min(rows, MAX_BATCH_ROWS))
-
-
-# -- weights identity -------------------------------------------------------------------------
-
-_identity_cache: dict[tuple[str, bool], dict[str, Any]] = {}
-
-
-def weight_files(paths: WeightPaths) -> list[Path]:
-    """The files that decide a model's output: tokenizer, BART, VQGAN, and config.json if any."""
-    files = [paths.vocab, paths.merges, paths.encoder, paths.decoder, paths.detoker]
-    if paths.config.exists():
-        files.append(paths.config)
-    return files
-
-
-def weights_identity(paths: WeightPaths) -> dict[str, Any]:
-    """{"model", "sha256" (over all files), "files": {relative path: sha256}}, once per process."""
-    cache_key = (str(Path(paths.models_root).resolve()), paths.is_mega)
-    cached = _identity_cache.get(cache_key)
-    if cached is not None:
-        return cached
-    root = Path(paths.models_root)
-    digests = file_digests(root, [path.relative_to(root) for path in weight_files(paths)])
-    combined = hashlib.sha256()
-    for name in sorted(digests):
-        combined.update(f"{name}\0{digests[name]}\n".encode())
-    identity = {"model": paths.model_name, "sha256": combined.hexdigest(), "files": digests}
-    _identity_cache[cache_key] = identity
-    return identity
-
-
-def file_digests(root: Path, names: list[Path]) -> dict[str, str]:
-    """sha256 of each file under `root`, reusing DIGEST_CACHE_NAME entries whose size and
-    mtime_ns still match, and writing back any it had to compute (best effort)."""
-    cache_path = root / DIGEST_CACHE_NAME
-    try:
-        cache = json.loads(cache_path.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
-    digests: dict[str, str] = {}
-    changed = False
-    for name in names:
-        key = name.as_posix()
-        stat = (root / name).stat()
-        entry = cache.get(key)
-        if (
-            isinstance(entry, dict)
-            and entry.get("size") == stat.st_size
-            and entry.get("mtime_ns") == stat.st_mtime_ns
-            and isinstance(entry.get("sha256"), str)
-        ):
-            digests[key] = entry["sha256"]
-            continue
-        log.info("hashing %s", root / name)
-        digests[key] = sha256_file(root / name)
-        cache[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digests[key]}
-        changed = True
-    if changed:
-        _write_atomically(cache_path, json.dumps(cache, indent=2, sort_keys=True) + "\n")
-    return digests
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Several workers may start at once: each writes a whole file and renames it into place.
-    # A read-only models folder (a mounted volume) just means the next start hashes again.
-    try:
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    except OSError as error:
-        log.warning("cannot cache weight digests in %s: %s", path.parent, error)
-        return
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            file.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        log.warning("cannot cache weight digests in %s: %s", path, error)
