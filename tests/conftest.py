@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.random_weights import SMALL_CONFIG, write_random_weights
 
@@ -21,3 +23,14 @@ def small_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("small-model")
     write_random_weights(root, SMALL_CONFIG, is_mega=False, seed=1)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures(...)`): on a
+    shared 2-core runner, OpenMP's spinning threads otherwise make a small-model decoder step
+    up to 100× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

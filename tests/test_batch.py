@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,15 +51,9 @@ SPECS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core runner, OpenMP's spinning threads otherwise make
-    a small-model step 100× slower. (Invariance across row counts is a kernel-shape question;
-    test_blocked_linear_is_invariant_to_rows_and_slot runs with the default threads too.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# (Invariance across row counts is a kernel-shape question, not a thread-count one:
+# test_blocked_linear_is_invariant_to_rows_and_slot runs with the default threads too.)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

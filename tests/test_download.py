@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from model.download import (
     weights_base_url,
 )
 from model.errors import WeightsNotFoundError
-from tests.servers import free_port
+from tests.servers import free_port, http_server
 
 # A few 1 MiB chunks and not a multiple of one, so breaks can fall after whole chunks.
 BLOB = bytes(range(256)) * 9000 + b"tail"
@@ -87,18 +86,9 @@ def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def server() -> Iterator[FakeServer]:
     state = FakeServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
-    httpd.daemon_threads = True
-    # A short poll interval keeps shutdown() quick.
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    try:
+    with http_server(_make_handler(state)) as url:
+        state.base_url = f"{url}/"
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from model.manifest import (
 from model.random_flax import write_flax_checkpoints
 from model.weights import STAGES, WeightPaths, read_state_dict
 from tests.conftest import SMALL_CONFIG
-from tests.servers import free_port
+from tests.servers import free_port, http_server
 
 TEXT = "a fox in the snow"
 HUB_FILES = {
@@ -98,17 +98,9 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def server() -> Iterator[FileServer]:
     state = FileServer()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with http_server(_handler(state)) as url:
+        state.url = url
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture(autouse=True)
