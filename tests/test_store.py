@@ -119,7 +119,8 @@ def test_keys_authenticate_list_and_revoke(store: JobStore) -> None:
     assert alice.id != bob.id and alice_secret != bob_secret
     assert store.authenticate(alice_secret) == alice
     assert store.authenticate(bob_secret) == bob
-    for wrong in ("", "dfk_", alice_secret[:-1] + "A", alice_secret + "x", bob_secret[::-1]):
+    last_changed = alice_secret[:-1] + ("B" if alice_secret.endswith("A") else "A")
+    for wrong in ("", "dfk_", last_changed, alice_secret + "x", bob_secret[::-1]):
         assert store.authenticate(wrong) is None
     # Bob's random part with Alice's id.
     assert store.authenticate(f"dfk_{alice.id}_{bob_secret.split('_', 2)[2]}") is None
