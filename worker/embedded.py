@@ -87,46 +87,31 @@ def work(
     are handed back."""
     name = name or worker_name()
     beat = _Beat(store, name)
+
+    def loop() -> None:
+        owner = lease_owner(name)  # one per thread
+        while not stop.is_set():
+            beat.maybe()
+            try:
+                job_id = queue.lease(owner, QUEUE_LEASE_S)
+            except StoreUnavailable as error:
+                log.warning("cannot read the queue: %s", error)
+                stop.wait(RETRY_PAUSE_S)
+                continue
+            if job_id is None:
+                if on_idle is not None:
+                    on_idle()
+                stop.wait(IDLE_POLL_S)
+                continue
+            _run_one(job_id, settings, store, storage, queue, engine, name, owner, stop)
+
     threads = [
-        threading.Thread(
-            target=_work_loop,
-            args=(settings, store, storage, queue, engine, stop, name, beat, on_idle),
-            name=f"job-{number}",
-        )
-        for number in range(settings.max_jobs)
+        threading.Thread(target=loop, name=f"job-{number}") for number in range(settings.max_jobs)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-
-
-def _work_loop(
-    settings: Settings,
-    store: JobStore,
-    storage: Storage,
-    queue: SqliteJobQueue,
-    engine: RenderEngine,
-    stop: threading.Event,
-    name: str,
-    beat: _Beat,
-    on_idle: Callable[[], None] | None,
-) -> None:
-    owner = lease_owner(name)
-    while not stop.is_set():
-        beat.maybe()
-        try:
-            job_id = queue.lease(owner, QUEUE_LEASE_S)
-        except StoreUnavailable as error:
-            log.warning("cannot read the queue: %s", error)
-            stop.wait(RETRY_PAUSE_S)
-            continue
-        if job_id is None:
-            if on_idle is not None:
-                on_idle()
-            stop.wait(IDLE_POLL_S)
-            continue
-        _run_one(job_id, settings, store, storage, queue, engine, name, owner, stop)
 
 
 def _run_one(

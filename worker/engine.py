@@ -170,7 +170,9 @@ class Engine:
             if on_checkpoint is not None:
                 on_checkpoint(step, tokens.tolist())
             if previews is not None:
-                partial = torch.full((tokens.shape[0], IMAGE_TOKEN_COUNT), START_TOKEN)
+                partial = torch.full(
+                    (tokens.shape[0], IMAGE_TOKEN_COUNT), START_TOKEN, device=tokens.device
+                )
                 partial[:, :step] = tokens
                 frame = self.model.detokenize(partial, params.is_seamless)
                 previews(step // CHECKPOINT_EVERY, png_bytes(frame))
