@@ -19,8 +19,9 @@ Batch invariance: a job's tokens depend only on its text, seed, settings, the we
 `block_rows` — never on which other jobs share its steps, when it joined, or whether it was
 resumed from a checkpoint. Two things on CPU would break this with a plain batched forward:
 
-1. A float32 GEMM's result for a row depends on the total row count: MKL picks its kernel (and
-   its reduction order) by shape, and `model.bart.linear` itself switches paths at 2 and 64 rows.
+1. A float32 GEMM's result for a row depends on the total row count: MKL and oneDNN pick their
+   kernels (and reduction orders) by shape, and `model.bart.linear` itself switches paths by
+   row count.
    So `_linear` pads the rows to a multiple of `block_rows` and multiplies fixed-size blocks:
    every row always sees the same (block_rows, K) × (K, N) product, and a row's result does not
    depend on its slot in the block or on the other rows in it (checked in tests/test_batch.py).
@@ -91,6 +92,7 @@ class _Job:
     tokens: Tensor  # (N, 256); positions not generated yet hold START_TOKEN
     replay: int = 0  # the first `replay` tokens come from a checkpoint
     position: int = 0  # the next position to decode
+    replayed: Tensor | None = None  # (N, replay) the tokens drawn while replaying
     replay_mismatches: int = 0  # replayed tokens the sampler did not reproduce
 
     @property
@@ -250,6 +252,18 @@ class BatchDecoder:
 
     # -- decoding -------------------------------------------------------------------------
 
+    @staticmethod
+    def _check_replay(job: _Job) -> None:
+        assert job.replayed is not None
+        job.replay_mismatches = int((job.replayed != job.tokens[:, : job.replay]).sum())
+        job.replayed = None
+        if job.replay_mismatches:
+            logger.warning(
+                "job %s: %d of its %d checkpoint tokens were not reproduced (the weights, "
+                "dtype or device changed since); the checkpoint's are kept",
+                job.id, job.replay_mismatches, job.replay * job.tokens.shape[0],
+            )  # fmt: skip
+
     def _linear(self, x: Tensor, weight: Tensor) -> Tensor:
         """x @ weight.T over fixed blocks of block_rows rows (x's rows are a multiple of it)."""
         return torch.cat([linear(block, weight) for block in x.split(self.block_rows)])
@@ -330,14 +344,13 @@ class BatchDecoder:
             sampled = sample(probs, job.generator)
             if job.position < job.replay:
                 # Resuming: the draw above advanced the generator as the original step did;
-                # the checkpoint's token stays (and should be the one just drawn).
-                job.replay_mismatches += int((sampled != job.tokens[:, job.position]).sum().item())
-                if job.position + 1 == job.replay and job.replay_mismatches:
-                    logger.warning(
-                        "job %s: %d of its %d checkpoint tokens were not reproduced (the "
-                        "weights, dtype or device changed since); the checkpoint's are kept",
-                        job.id, job.replay_mismatches, job.replay * job.tokens.shape[0],
-                    )  # fmt: skip
+                # the checkpoint's token stays (and should be the one just drawn). The draws are
+                # compared once, at the end of the replay, so that no step waits for the device.
+                if job.replayed is None:
+                    job.replayed = torch.empty_like(job.tokens[:, : job.replay])
+                job.replayed[:, job.position] = sampled
+                if job.position + 1 == job.replay:
+                    self._check_replay(job)
             else:
                 job.tokens[:, job.position] = sampled
             job.position += 1

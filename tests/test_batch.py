@@ -171,11 +171,35 @@ def test_resume_from_checkpoint(model: MinDalle, checkpoint_at: int) -> None:
     engine.add(spec.job_id, spec.text, spec.seed, spec.grid_size, spec.settings, checkpoint)
     assert engine.progress(spec.job_id) == checkpoint_at
     assert torch.equal(engine.tokens(spec.job_id), checkpoint)
-    engine.step()
+    for _ in range(checkpoint_at):
+        engine.step()
     assert engine.replay_mismatches(spec.job_id) == 0
     results = run(engine, {})
     assert torch.equal(results[spec.job_id], alone(model, spec))
     assert torch.equal(results[SPECS[5].job_id], alone(model, SPECS[5]))
+
+
+def test_resume_keeps_a_checkpoint_it_does_not_reproduce(
+    model: MinDalle, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = SPECS[1]
+    engine = BatchDecoder(model)
+    engine.add(spec.job_id, spec.text, spec.seed, spec.grid_size, spec.settings)
+    for _ in range(32):
+        engine.step()
+    checkpoint = engine.tokens(spec.job_id)
+    checkpoint[0, 10] = (checkpoint[0, 10] + 1) % 16384  # as if other weights had written it
+
+    engine = BatchDecoder(model)
+    engine.add(spec.job_id, spec.text, spec.seed, spec.grid_size, spec.settings, checkpoint)
+    for _ in range(31):
+        engine.step()
+    assert engine.replay_mismatches(spec.job_id) == 0  # counted when the replay ends
+    with caplog.at_level("WARNING", logger="model.batch"):
+        engine.step()
+    assert engine.replay_mismatches(spec.job_id) >= 1
+    assert "checkpoint tokens were not reproduced" in caplog.text
+    assert torch.equal(engine.tokens(spec.job_id)[:, :32], checkpoint)
 
 
 def test_no_settings_leak(model: MinDalle) -> None:

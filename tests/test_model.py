@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from model import ConfigError, MinDalle, ModelConfig, WeightsFormatError
+from model import bart
 from model.bart import DecoderLayer, KVCache
 from model.tokenizer import PAD_TOKEN_ID, TextTokenizer, text_tokens
 from tests.conftest import SMALL_CONFIG
@@ -377,6 +378,39 @@ def test_bfloat16_model(small_models_root: Path, monkeypatch: pytest.MonkeyPatch
     assert len(caches) == SMALL_CONFIG.layer_count
     assert {cache.keys.dtype for cache in caches} == {torch.bfloat16}
     assert {cache.values.dtype for cache in caches} == {torch.bfloat16}
+
+
+# -- matrix products ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 64, 65])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "mkl"])
+def test_every_linear_path_computes_the_product(
+    monkeypatch: pytest.MonkeyPatch, rows: int, onednn: bool
+) -> None:
+    """bart.linear's CPU paths (oneDNN for few rows, MKL by blocks without it, plain F.linear
+    beyond 64 rows) all give x @ weight.T."""
+    calls = []
+    if onednn:
+        onednn_linear = bart._onednn_linear
+        if onednn_linear is None:
+            pytest.skip("this torch build has no oneDNN")
+
+        def spy(*args: Any) -> torch.Tensor:
+            calls.append(args[0].shape)
+            return onednn_linear(*args)
+
+        monkeypatch.setattr(bart, "_onednn_linear", spy)
+    else:
+        monkeypatch.setattr(bart, "_onednn_linear", None)
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 96, generator=generator)
+    weight = torch.randn(600, 96, generator=generator)  # 600 outputs: MKL blocks of 256, 256, 88
+    out = bart.linear(x, weight)
+    assert out.shape == (rows, 1, 600)
+    expected = (x.double() @ weight.double().T).float()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    assert len(calls) == (1 if onednn and rows <= bart.CPU_FEW_ROWS else 0)
 
 
 # -- torch-free API imports ---------------------------------------------------------------------
