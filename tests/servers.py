@@ -1,4 +1,5 @@
-"""Real servers for tests, on loopback and free ports: redis-server and moto's S3 server."""
+"""Real servers for tests, on loopback and free ports: redis-server, moto's S3 server, and a
+file server that can break its responses off."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -108,3 +110,75 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@dataclass
+class FileServer:
+    """What `file_server` serves, and what it saw. Tests change it while the server runs."""
+
+    files: dict[str, bytes | Path] = field(default_factory=dict)  # URL path → content
+    # Body bytes to send before closing the connection: one entry per coming GET of any path
+    # (`breaks`), or for the next GET of one path (`path_breaks`).
+    breaks: list[int] = field(default_factory=list)
+    path_breaks: dict[str, int] = field(default_factory=dict)
+    honour_ranges: bool = True
+    log: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    url: str = ""  # the base URL, without a trailing slash
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def file_url(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+
+def _file_handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            name = self.path.lstrip("/")
+            range_header = self.headers.get("Range")
+            with state.lock:
+                state.log.append((name, range_header))
+                cut = state.path_breaks.pop(name, None)
+                if cut is None and state.breaks:
+                    cut = state.breaks.pop(0)
+            content = state.files.get(name)
+            if content is None:
+                self._send(404, b"not found", {}, cut)
+                return
+            data = content.read_bytes() if isinstance(content, Path) else content
+            if range_header and state.honour_ranges:
+                start = int(range_header.removeprefix("bytes=").rstrip("-"))
+                if start >= len(data):
+                    self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, cut)
+                    return
+                headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+                self._send(206, data[start:], headers, cut)
+            else:
+                self._send(200, data, {}, cut)
+
+        def _send(self, status: int, body: bytes, headers: dict[str, str], cut: int | None) -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            # The announced length is always the full body, so a cut is a short read.
+            self.send_header("Content-Length", str(len(body)))
+            if cut is not None:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body if cut is None else body[:cut])
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@contextmanager
+def file_server() -> Iterator[FileServer]:
+    """Serve files over HTTP with Range support until the block ends."""
+    state = FileServer()
+    with http_server(_file_handler(state)) as url:
+        state.url = url
+        yield state

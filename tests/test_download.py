@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -19,75 +17,15 @@ from model.download import (
     weights_base_url,
 )
 from model.errors import WeightsNotFoundError
-from tests.servers import free_port, http_server
+from tests.servers import FileServer, file_server, free_port
 
 # A few 1 MiB chunks and not a multiple of one, so breaks can fall after whole chunks.
 BLOB = bytes(range(256)) * 9000 + b"tail"
 
 
-@dataclass
-class FakeServer:
-    """State shared between a test and the request handler."""
-
-    files: dict[str, bytes] = field(default_factory=dict)
-    # One entry per coming GET: send only this many body bytes, then close the connection.
-    breaks: list[int] = field(default_factory=list)
-    honour_ranges: bool = True
-    # (path, Range header or None) of every GET, in order.
-    log: list[tuple[str, str | None]] = field(default_factory=list)
-    base_url: str = ""
-
-    def url(self, name: str) -> str:
-        return self.base_url + name
-
-
-def _make_handler(state: FakeServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            name = self.path.lstrip("/")
-            range_header = self.headers.get("Range")
-            state.log.append((name, range_header))
-            data = state.files.get(name)
-            if data is None:
-                self._reply(404, b"not found")
-                return
-
-            if range_header and state.honour_ranges:
-                start = int(range_header.removeprefix("bytes=").rstrip("-"))
-                if start >= len(data):
-                    self._reply(416, b"", {"Content-Range": f"bytes */{len(data)}"})
-                    return
-                content_range = f"bytes {start}-{len(data) - 1}/{len(data)}"
-                self._reply(206, data[start:], {"Content-Range": content_range})
-            else:
-                self._reply(200, data)
-
-        def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-            cut = state.breaks.pop(0) if state.breaks else None
-            self.send_response(status)
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            # The announced length is always the full body, so a cut is a short read.
-            self.send_header("Content-Length", str(len(body)))
-            if cut is not None:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body if cut is None else body[:cut])
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    return Handler
-
-
 @pytest.fixture
-def server() -> Iterator[FakeServer]:
-    state = FakeServer()
-    with http_server(_make_handler(state)) as url:
-        state.base_url = f"{url}/"
+def server() -> Iterator[FileServer]:
+    with file_server() as state:
         yield state
 
 
@@ -105,12 +43,12 @@ def _part(path: Path) -> Path:
 
 @pytest.mark.parametrize("show_progress", [False, True])
 def test_plain_download_is_byte_identical(
-    server: FakeServer, tmp_path: Path, show_progress: bool
+    server: FileServer, tmp_path: Path, show_progress: bool
 ) -> None:
     server.files["encoder.pt"] = BLOB
     dest = tmp_path / "new" / "folder" / "encoder.pt"
 
-    download_file(server.url("encoder.pt"), dest, show_progress=show_progress)
+    download_file(server.file_url("encoder.pt"), dest, show_progress=show_progress)
 
     assert dest.read_bytes() == BLOB
     assert not _part(dest).exists()
@@ -118,36 +56,36 @@ def test_plain_download_is_byte_identical(
 
 
 def test_progress_bar_goes_to_stderr(
-    server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    server: FileServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     server.files["encoder.pt"] = BLOB
-    download_file(server.url("encoder.pt"), tmp_path / "encoder.pt", show_progress=True)
+    download_file(server.file_url("encoder.pt"), tmp_path / "encoder.pt", show_progress=True)
     captured = capsys.readouterr()
     assert "encoder.pt" in captured.err
     assert captured.out == ""
 
 
-def test_empty_file(server: FakeServer, tmp_path: Path) -> None:
+def test_empty_file(server: FileServer, tmp_path: Path) -> None:
     server.files["empty.json"] = b""
     dest = tmp_path / "empty.json"
-    download_file(server.url("empty.json"), dest, show_progress=False)
+    download_file(server.file_url("empty.json"), dest, show_progress=False)
     assert dest.read_bytes() == b""
 
 
 # --- resuming ----------------------------------------------------------------------------
 
 
-def _range_starts(server: FakeServer) -> list[int]:
+def _range_starts(server: FileServer) -> list[int]:
     return [0 if r is None else int(r.removeprefix("bytes=").rstrip("-")) for _, r in server.log]
 
 
-def test_break_mid_transfer_resumes_with_range(server: FakeServer, tmp_path: Path) -> None:
+def test_break_mid_transfer_resumes_with_range(server: FileServer, tmp_path: Path) -> None:
     server.files["decoder.pt"] = BLOB
     cut = 1_500_000
     server.breaks = [cut]
     dest = tmp_path / "decoder.pt"
 
-    download_file(server.url("decoder.pt"), dest, show_progress=False)
+    download_file(server.file_url("decoder.pt"), dest, show_progress=False)
 
     assert dest.read_bytes() == BLOB
     assert not _part(dest).exists()
@@ -158,14 +96,14 @@ def test_break_mid_transfer_resumes_with_range(server: FakeServer, tmp_path: Pat
 
 
 def test_repeated_breaks_each_resume_where_the_last_stopped(
-    server: FakeServer, tmp_path: Path
+    server: FileServer, tmp_path: Path
 ) -> None:
     server.files["decoder.pt"] = BLOB
     cuts = [1_200_000, 1_100_000]
     server.breaks = list(cuts)
     dest = tmp_path / "decoder.pt"
 
-    download_file(server.url("decoder.pt"), dest, show_progress=False)
+    download_file(server.file_url("decoder.pt"), dest, show_progress=False)
 
     assert dest.read_bytes() == BLOB
     starts = _range_starts(server)
@@ -174,75 +112,75 @@ def test_repeated_breaks_each_resume_where_the_last_stopped(
         assert previous < start <= previous + cut
 
 
-def test_existing_part_file_is_resumed(server: FakeServer, tmp_path: Path) -> None:
+def test_existing_part_file_is_resumed(server: FileServer, tmp_path: Path) -> None:
     server.files["encoder.pt"] = BLOB
     dest = tmp_path / "encoder.pt"
     _part(dest).write_bytes(BLOB[:12345])
 
-    download_file(server.url("encoder.pt"), dest, show_progress=False)
+    download_file(server.file_url("encoder.pt"), dest, show_progress=False)
 
     assert dest.read_bytes() == BLOB
     assert not _part(dest).exists()
     assert server.log == [("encoder.pt", "bytes=12345-")]
 
 
-def test_complete_part_file_answered_416_is_finished(server: FakeServer, tmp_path: Path) -> None:
+def test_complete_part_file_answered_416_is_finished(server: FileServer, tmp_path: Path) -> None:
     server.files["encoder.pt"] = BLOB
     dest = tmp_path / "encoder.pt"
     _part(dest).write_bytes(BLOB)
 
-    download_file(server.url("encoder.pt"), dest, show_progress=False)
+    download_file(server.file_url("encoder.pt"), dest, show_progress=False)
 
     assert dest.read_bytes() == BLOB
     assert server.log == [("encoder.pt", f"bytes={len(BLOB)}-")]
 
 
-def test_part_file_longer_than_remote_is_discarded(server: FakeServer, tmp_path: Path) -> None:
+def test_part_file_longer_than_remote_is_discarded(server: FileServer, tmp_path: Path) -> None:
     server.files["vocab.json"] = b'{"a": 1}'
     dest = tmp_path / "vocab.json"
     _part(dest).write_bytes(b"x" * 100)
 
-    download_file(server.url("vocab.json"), dest, show_progress=False)
+    download_file(server.file_url("vocab.json"), dest, show_progress=False)
 
     assert dest.read_bytes() == b'{"a": 1}'
     assert server.log == [("vocab.json", "bytes=100-"), ("vocab.json", None)]
 
 
-def test_server_ignoring_range_restarts_from_scratch(server: FakeServer, tmp_path: Path) -> None:
+def test_server_ignoring_range_restarts_from_scratch(server: FileServer, tmp_path: Path) -> None:
     server.files["encoder.pt"] = BLOB
     server.honour_ranges = False
     dest = tmp_path / "encoder.pt"
     # Wrong bytes: if they were kept, the result would differ from BLOB.
     _part(dest).write_bytes(b"\xff" * 5000)
 
-    download_file(server.url("encoder.pt"), dest, show_progress=False)
+    download_file(server.file_url("encoder.pt"), dest, show_progress=False)
 
     assert dest.read_bytes() == BLOB
     assert server.log == [("encoder.pt", "bytes=5000-")]
 
 
-def test_break_on_server_ignoring_range(server: FakeServer, tmp_path: Path) -> None:
+def test_break_on_server_ignoring_range(server: FileServer, tmp_path: Path) -> None:
     server.files["encoder.pt"] = BLOB
     server.honour_ranges = False
     server.breaks = [7000]
     dest = tmp_path / "encoder.pt"
 
-    download_file(server.url("encoder.pt"), dest, show_progress=False)
+    download_file(server.file_url("encoder.pt"), dest, show_progress=False)
 
     assert dest.read_bytes() == BLOB
     assert len(server.log) == 2
 
 
-def test_gives_up_when_the_stream_keeps_breaking(server: FakeServer, tmp_path: Path) -> None:
+def test_gives_up_when_the_stream_keeps_breaking(server: FileServer, tmp_path: Path) -> None:
     server.files["decoder.pt"] = BLOB
     server.breaks = [0] * 20
     dest = tmp_path / "decoder.pt"
 
     with pytest.raises(WeightsNotFoundError) as info:
-        download_file(server.url("decoder.pt"), dest, show_progress=False)
+        download_file(server.file_url("decoder.pt"), dest, show_progress=False)
 
     message = str(info.value)
-    assert server.url("decoder.pt") in message
+    assert server.file_url("decoder.pt") in message
     assert "gave up" in message
     assert WEIGHTS_URL_ENV in message
     assert len(server.log) == download._MAX_RETRIES + 1
@@ -253,9 +191,9 @@ def test_gives_up_when_the_stream_keeps_breaking(server: FakeServer, tmp_path: P
 # --- failures ----------------------------------------------------------------------------
 
 
-def test_404_raises_weights_not_found(server: FakeServer, tmp_path: Path) -> None:
+def test_404_raises_weights_not_found(server: FileServer, tmp_path: Path) -> None:
     dest = tmp_path / "dalle_bart_mini" / "encoder.pt"
-    url = server.url("encoder_mini.pt")
+    url = server.file_url("encoder_mini.pt")
 
     with pytest.raises(WeightsNotFoundError) as info:
         download_file(url, dest, show_progress=False)
@@ -339,22 +277,22 @@ def test_remote_file_name(local: str, is_mega: bool, remote: str) -> None:
 # --- ensure_file -------------------------------------------------------------------------
 
 
-def test_ensure_file_leaves_an_existing_file_alone(server: FakeServer, tmp_path: Path) -> None:
+def test_ensure_file_leaves_an_existing_file_alone(server: FileServer, tmp_path: Path) -> None:
     server.files["encoder.pt"] = BLOB
     dest = tmp_path / "encoder.pt"
     dest.write_bytes(b"already here")
 
-    assert ensure_file(dest, "encoder.pt", base_url=server.base_url) == dest
+    assert ensure_file(dest, "encoder.pt", base_url=server.url + "/") == dest
 
     assert dest.read_bytes() == b"already here"
     assert server.log == []
 
 
-def test_ensure_file_downloads_a_missing_file(server: FakeServer, tmp_path: Path) -> None:
+def test_ensure_file_downloads_a_missing_file(server: FileServer, tmp_path: Path) -> None:
     server.files["encoder_mini.pt"] = BLOB
     dest = tmp_path / "dalle_bart_mini" / "encoder.pt"
 
-    got = ensure_file(dest, "encoder_mini.pt", base_url=server.base_url.rstrip("/"))
+    got = ensure_file(dest, "encoder_mini.pt", base_url=server.url + "/".rstrip("/"))
 
     assert got == dest
     assert dest.read_bytes() == BLOB
@@ -362,10 +300,10 @@ def test_ensure_file_downloads_a_missing_file(server: FakeServer, tmp_path: Path
 
 
 def test_ensure_file_uses_the_env_var(
-    server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server.files["detoker.pt"] = BLOB
-    monkeypatch.setenv(WEIGHTS_URL_ENV, server.base_url.rstrip("/"))
+    monkeypatch.setenv(WEIGHTS_URL_ENV, server.url + "/".rstrip("/"))
     dest = tmp_path / "vqgan" / "detoker.pt"
 
     ensure_file(dest, "detoker.pt", show_progress=False)

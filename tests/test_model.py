@@ -21,8 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model import ConfigError, MinDalle, ModelConfig, WeightsFormatError
-from model import bart
+from model import ConfigError, MinDalle, ModelConfig, WeightsFormatError, bart
 from model.bart import DecoderLayer, KVCache
 from model.tokenizer import PAD_TOKEN_ID, TextTokenizer, text_tokens
 from tests.conftest import SMALL_CONFIG

@@ -11,8 +11,6 @@ import json
 import shutil
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ from model.manifest import (
 from model.random_flax import write_flax_checkpoints
 from model.weights import STAGES, WeightPaths, read_state_dict
 from tests.conftest import SMALL_CONFIG
-from tests.servers import free_port, http_server
+from tests.servers import FileServer, file_server, free_port
 
 TEXT = "a fox in the snow"
 HUB_FILES = {
@@ -42,64 +40,9 @@ HUB_FILES = {
 # -- a hub on loopback ----------------------------------------------------------------------
 
 
-@dataclass
-class FileServer:
-    """Serves ``files`` (URL path → local file) with Range support; can cut a response once."""
-
-    files: dict[str, Path] = field(default_factory=dict)
-    # URL path → bytes to send before closing the connection, for its next GET only
-    breaks: dict[str, int] = field(default_factory=dict)
-    log: list[tuple[str, str | None]] = field(default_factory=list)
-    url: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            name = self.path.lstrip("/")
-            range_header = self.headers.get("Range")
-            with state.lock:
-                state.log.append((name, range_header))
-                cut = state.breaks.pop(name, None)
-            path = state.files.get(name)
-            if path is None:
-                self._send(404, b"not found", {})
-                return
-            data = path.read_bytes()
-            if range_header:
-                start = int(range_header.removeprefix("bytes=").rstrip("-"))
-                headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
-                self._send(206, data[start:], headers, cut)
-            else:
-                self._send(200, data, {}, cut)
-
-        def _send(
-            self, status: int, body: bytes, headers: dict[str, str], cut: int | None = None
-        ) -> None:
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(body)))
-            if cut is not None:
-                self.send_header("Connection", "close")
-                self.close_connection = True
-            self.end_headers()
-            self.wfile.write(body if cut is None else body[:cut])
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    return Handler
-
-
 @pytest.fixture
 def server() -> Iterator[FileServer]:
-    state = FileServer()
-    with http_server(_handler(state)) as url:
-        state.url = url
+    with file_server() as state:
         yield state
 
 
@@ -189,7 +132,7 @@ def test_fetch_resumes_a_broken_download(
     hub: FileServer, original: WeightPaths, tmp_path: Path
 ) -> None:
     checkpoint = "dalle-mini/vqgan_imagenet_f16_16384/resolve/main/flax_model.msgpack"
-    hub.breaks[checkpoint] = 5_000_000
+    hub.path_breaks[checkpoint] = 5_000_000
     paths = WeightPaths(tmp_path / "models", is_mega=False)
     fetch.fetch_weights(paths, fetch.Source("hub", hub.url), show_progress=False)
 
