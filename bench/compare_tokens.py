@@ -54,7 +54,6 @@ def main() -> None:
     our_tokens, our_probs = record_draws(
         lambda: list(ours.generate_image_tokens_stream(text, seed, grid))[-1]
     )
-    del ours
     reference = reference_model(root, ModelConfig.mini())
     captured: list[Tensor] = []
     make_grid = reference.image_grid_from_tokens
