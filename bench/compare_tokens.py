@@ -74,8 +74,8 @@ def main() -> None:
     # The exponential noise of every step, drawn as torch.multinomial draws it.
     generator = torch.Generator().manual_seed(seed)
     noise = [torch.empty_like(p).exponential_(generator=generator) for p in our_probs]
-    for probs, q, tokens in ((our_probs, noise, our_tokens), (ref_probs, noise, ref_tokens)):
-        replayed = torch.stack([(p / n).argmax(1) for p, n in zip(probs, q, strict=True)], 1)
+    for probs, tokens in ((our_probs, our_tokens), (ref_probs, ref_tokens)):
+        replayed = torch.stack([(p / n).argmax(1) for p, n in zip(probs, noise, strict=True)], 1)
         assert torch.equal(replayed, tokens), "the replayed draws do not give the sampled tokens"
 
     for image in range(grid * grid):

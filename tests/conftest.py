@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.random_flax import write_flax_checkpoints
 from model.random_weights import SMALL_CONFIG, write_random_weights
+from model.weights import WeightPaths
 
 __all__ = ["SMALL_CONFIG"]
 
@@ -22,6 +24,20 @@ def small_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small random model in min-dalle's file layout, written once per test session."""
     root = tmp_path_factory.mktemp("small-model")
     write_random_weights(root, SMALL_CONFIG, is_mega=False, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def original(small_models_root: Path) -> WeightPaths:
+    """The small model's paths: the weights that conversions and fetches must reproduce."""
+    return WeightPaths(small_models_root, is_mega=False)
+
+
+@pytest.fixture(scope="session")
+def flax_hub(original: WeightPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small model as the hub's Flax checkpoints: dalle-mini/{dalle-mini,vqgan_…} below it."""
+    root = tmp_path_factory.mktemp("hub")
+    write_flax_checkpoints(original, SMALL_CONFIG, root)
     return root
 
 

@@ -35,7 +35,6 @@ from model.random_flax import (
     bart_tree,
     dalle_mini_config,
     vqgan_tree,
-    write_flax_checkpoints,
     write_msgpack,
 )
 from model.tensor_files import read_header
@@ -49,26 +48,13 @@ GLU_KEY = "model/decoder/layers/FlaxBartDecoderLayers/GLU_0/Dense_1/kernel"
 
 
 @pytest.fixture(scope="module")
-def original(small_models_root: Path) -> WeightPaths:
-    return WeightPaths(small_models_root, is_mega=False)
+def bart_checkpoint(flax_hub: Path) -> Path:
+    return flax_hub / "dalle-mini" / "dalle-mini"
 
 
 @pytest.fixture(scope="module")
-def hub(original: WeightPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The original weights as the hub's Flax checkpoints: hub/dalle-mini/{dalle-mini,vqgan_…}."""
-    root = tmp_path_factory.mktemp("hub")
-    write_flax_checkpoints(original, SMALL_CONFIG, root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def bart_checkpoint(hub: Path) -> Path:
-    return hub / "dalle-mini" / "dalle-mini"
-
-
-@pytest.fixture(scope="module")
-def vqgan_checkpoint(hub: Path) -> Path:
-    return hub / "dalle-mini" / "vqgan_imagenet_f16_16384"
+def vqgan_checkpoint(flax_hub: Path) -> Path:
+    return flax_hub / "dalle-mini" / "vqgan_imagenet_f16_16384"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from model.manifest import (
     verify_folder,
     weights_identity,
 )
-from model.random_flax import write_flax_checkpoints
 from model.weights import STAGES, WeightPaths, read_state_dict
 from tests.conftest import SMALL_CONFIG
 from tests.servers import FileServer, file_server, free_port
@@ -54,32 +53,25 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(download, "_RETRY_BACKOFF_S", 0.0)
 
 
-@pytest.fixture(scope="module")
-def original(small_models_root: Path) -> WeightPaths:
-    return WeightPaths(small_models_root, is_mega=False)
-
-
-@pytest.fixture(scope="module")
-def hub_dir(original: WeightPaths, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("hub")
-    write_flax_checkpoints(original, SMALL_CONFIG, root)
-    return root
+def min_dalle_files(paths: WeightPaths) -> tuple[Path, ...]:
+    """The files a min-dalle mirror holds: the tokenizer's and the .pt weights."""
+    return (paths.vocab, paths.merges, paths.encoder, paths.decoder, paths.detoker)
 
 
 @pytest.fixture
-def hub(server: FileServer, hub_dir: Path) -> FileServer:
+def hub(server: FileServer, flax_hub: Path) -> FileServer:
     for repo, names in HUB_FILES.items():
         for name in names:
-            server.files[f"{repo}/resolve/main/{name}"] = hub_dir / repo / name
+            server.files[f"{repo}/resolve/main/{name}"] = flax_hub / repo / name
     return server
 
 
 @pytest.fixture(scope="module")
-def installed(hub_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> WeightPaths:
+def installed(flax_hub: Path, tmp_path_factory: pytest.TempPathFactory) -> WeightPaths:
     """The hub's checkpoints fetched from a local folder and converted, once per module."""
     root = tmp_path_factory.mktemp("installed")
     paths = WeightPaths(root, is_mega=False)
-    fetch.fetch_weights(paths, fetch.Source("hub", str(hub_dir)), show_progress=False)
+    fetch.fetch_weights(paths, fetch.Source("hub", str(flax_hub)), show_progress=False)
     return paths
 
 
@@ -156,25 +148,19 @@ def test_fetch_can_keep_the_checkpoints(hub: FileServer, tmp_path: Path) -> None
 
 
 def test_fetch_from_a_local_folder(
-    installed: WeightPaths, original: WeightPaths, hub_dir: Path
+    installed: WeightPaths, original: WeightPaths, flax_hub: Path
 ) -> None:
     assert_same_weights(original, installed)
     manifest = read_manifest(installed.vqgan_dir)
     assert manifest is not None
-    assert manifest.source["folder"] == str(hub_dir / "dalle-mini" / "vqgan_imagenet_f16_16384")
+    assert manifest.source["folder"] == str(flax_hub / "dalle-mini" / "vqgan_imagenet_f16_16384")
     assert not (installed.models_root / fetch.CHECKPOINTS_DIR).exists()
 
 
 def test_fetch_from_a_folder_of_min_dalle_files(original: WeightPaths, tmp_path: Path) -> None:
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    for path in (
-        original.vocab,
-        original.merges,
-        original.encoder,
-        original.decoder,
-        original.detoker,
-    ):
+    for path in min_dalle_files(original):
         shutil.copyfile(path, mirror / download.remote_file_name(path.name, is_mega=False))
     root = tmp_path / "models"
     assert run_cli("weights", "fetch", "--models-root", root, "--pt-mirror", mirror) == 0
@@ -232,13 +218,7 @@ def test_min_dalle_fetches_and_converts_missing_weights_once(
 def test_weights_url_still_points_to_a_min_dalle_mirror(
     server: FileServer, original: WeightPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for path in (
-        original.vocab,
-        original.merges,
-        original.encoder,
-        original.decoder,
-        original.detoker,
-    ):
+    for path in min_dalle_files(original):
         server.files[download.remote_file_name(path.name, is_mega=False)] = path
     monkeypatch.setenv(download.WEIGHTS_URL_ENV, server.url)
     root = tmp_path / "models"
@@ -425,11 +405,11 @@ def test_info_on_min_dalle_files_without_manifest(
 
 
 def test_convert_command(
-    hub_dir: Path, original: WeightPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    flax_hub: Path, original: WeightPaths, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folders = [
-        hub_dir / "dalle-mini" / "dalle-mini",
-        hub_dir / "dalle-mini" / "vqgan_imagenet_f16_16384",
+        flax_hub / "dalle-mini" / "dalle-mini",
+        flax_hub / "dalle-mini" / "vqgan_imagenet_f16_16384",
     ]
     root = tmp_path / "models"
     assert run_cli("weights", "convert", *folders, "--models-root", root) == 0
