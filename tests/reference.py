@@ -12,7 +12,13 @@ from PIL import Image
 from model.config import ModelConfig
 
 
-def reference_model(models_root: Path, config: ModelConfig, is_mega: bool = False) -> Any:
+def reference_model(
+    models_root: Path,
+    config: ModelConfig,
+    is_mega: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Any:
     """A min_dalle.MinDalle built with `config`'s sizes instead of its hard-coded ones."""
     import min_dalle.min_dalle as reference
 
@@ -24,8 +30,8 @@ def reference_model(models_root: Path, config: ModelConfig, is_mega: bool = Fals
     with torch.no_grad():
         model = reference.MinDalle(
             models_root=str(models_root),
-            dtype=torch.float32,
-            device="cpu",
+            dtype=dtype,
+            device=device,
             is_mega=is_mega,
             is_reusable=False,  # only the tokenizer: the sizes are set below
             is_verbose=False,

@@ -141,6 +141,35 @@ def test_join_mid_flight(model: MinDalle) -> None:
     assert torch.equal(batched[late.job_id], alone(model, late))
 
 
+def test_page_attention_equals_per_job_attention(model: MinDalle) -> None:
+    """The GPU's self-attention (one masked attention per page over the positions up to its
+    furthest row, keys and values written by index) gives the CPU path's tokens, with jobs of
+    two grid sizes joining at different steps and one canceled."""
+    engine = BatchDecoder(model)
+    engine.page_attention = True
+    schedule = {0: SPECS[:4], 40: SPECS[4:8], 100: SPECS[8:]}
+    batched = run(engine, schedule, cancel={60: [SPECS[5].job_id]})
+    assert set(batched) == {spec.job_id for spec in SPECS} - {SPECS[5].job_id}
+    for spec in SPECS:
+        if spec.job_id in batched:
+            assert torch.equal(batched[spec.job_id], alone(model, spec)), spec.job_id
+
+
+def test_jobs_spread_over_pages(model: MinDalle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With pages of 4 rows (two 1×1 jobs, or one 2×2), jobs fill several pages, freed slots
+    are reused, and an emptied page is freed when a new page is needed."""
+    monkeypatch.setattr("model.batch.PAGE_ROWS", 4)
+    engine = BatchDecoder(model)
+    cancel = {20: [SPECS[0].job_id, SPECS[2].job_id]}  # empties the first 1×1 page
+    batched = run(engine, {0: SPECS[:5], 30: SPECS[5:8]}, cancel=cancel)
+    assert set(batched) == {spec.job_id for spec in SPECS[:8]} - set(cancel[20])
+    for spec in SPECS[:8]:
+        if spec.job_id in batched:
+            assert torch.equal(batched[spec.job_id], alone(model, spec)), spec.job_id
+    assert len(engine._pages[1]) == 1  # the emptied one was freed when a 2×2 job needed a page
+    assert len(engine._pages[4]) == 4  # one per 2×2 job
+
+
 def test_cancel_mid_batch(model: MinDalle) -> None:
     specs = SPECS[:4]
     engine = BatchDecoder(model)
