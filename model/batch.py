@@ -142,12 +142,15 @@ class _Page:
     def rows_of(self, slot: int) -> slice:
         return slice(slot * self.slot_rows, (slot + 1) * self.slot_rows)
 
-    def take(self, job: _Job, slot: int, text: TextContext) -> None:
+    def take(self, job: _Job, slot: int, text_rows: list[TextContext]) -> None:
+        """Give the slot to `job`: its two text rows (unconditioned, conditioned), each of one
+        row, are copied in, and its decoder rows start at the start token."""
         self.jobs[slot] = job
-        for layer, (keys, values) in enumerate(zip(text.keys, text.values, strict=True)):
-            self.text_keys[layer][2 * slot : 2 * slot + 2] = keys
-            self.text_values[layer][2 * slot : 2 * slot + 2] = values
-        self.text_mask[2 * slot : 2 * slot + 2] = text.attention_mask
+        for row, text in enumerate(text_rows, start=2 * slot):
+            for layer, (keys, values) in enumerate(zip(text.keys, text.values, strict=True)):
+                self.text_keys[layer][row : row + 1] = keys
+                self.text_values[layer][row : row + 1] = values
+            self.text_mask[row : row + 1] = text.attention_mask
         self.prev[self.rows_of(slot)] = START_TOKEN
         self.positions[self.rows_of(slot)] = 0
 
@@ -273,7 +276,8 @@ class BatchDecoder:
             replay = self._check_checkpoint(tokens, image_count)
             image_tokens[:, :replay] = tokens.to(self.device)
 
-        text_context = self._text_context(text)
+        # Each text row is encoded and projected once however many jobs use it.
+        text_rows = [self._row_context(row) for row in self.model._text_tokens(text)]
         page, slot = self._free_slot(image_count)
         job = _Job(
             id=job_id,
@@ -287,7 +291,7 @@ class BatchDecoder:
             replay=replay,
             replayed=image_tokens[:, :replay].clone() if replay else None,
         )
-        page.take(job, slot, text_context)
+        page.take(job, slot, text_rows)
         self._jobs[job_id] = job
 
     def _free_slot(self, image_count: int) -> tuple[_Page, int]:
@@ -313,16 +317,6 @@ class BatchDecoder:
     def _leave(self, job: _Job) -> None:
         del self._jobs[job.id]
         job.page.jobs[job.slot] = None
-
-    def _text_context(self, text: str) -> TextContext:
-        """The job's two text rows (unconditioned, conditioned), each encoded and projected once
-        however many jobs use it."""
-        rows = [self._row_context(row) for row in self.model._text_tokens(text)]
-        return TextContext(
-            keys=[torch.cat(layer) for layer in zip(*(row.keys for row in rows), strict=True)],
-            values=[torch.cat(layer) for layer in zip(*(row.values for row in rows), strict=True)],
-            attention_mask=torch.cat([row.attention_mask for row in rows]),
-        )
 
     def _row_context(self, row: Tensor) -> TextContext:
         key = tuple(row.tolist())
@@ -375,10 +369,7 @@ class BatchDecoder:
         else:
             logits = self._forward(layout, length)
 
-        starts, start = {}, 0
-        for page, used in layout:
-            starts[page.id] = start
-            start += used * page.slot_rows
+        starts = {page.id: rows.start for page, rows in _spans(layout)}
         done: list[tuple[str, Tensor]] = []
         for job in list(self._jobs.values()):
             rows = job.page.rows_of(job.slot)
@@ -461,17 +452,14 @@ class BatchDecoder:
         """The logits of one step for the rows of each page's first `used` slots, page after
         page: (rows, VQGAN_CODE_COUNT), padding rows at the end."""
         decoder = self.decoder
-        spans, inputs, start = [], [], 0
-        for page, used in layout:
-            rows = used * page.slot_rows
-            spans.append((page, slice(start, start + rows)))
-            start += rows
-            inputs.append(
-                decoder.embed_tokens(page.prev[:rows])
-                + decoder.embed_positions(page.positions[:rows])
-            )
-        block = self.block_rows or 1
-        padding = -(-start // block) * block - start
+        spans = _spans(layout)
+        inputs = [
+            decoder.embed_tokens(page.prev[: rows.stop - rows.start])
+            + decoder.embed_positions(page.positions[: rows.stop - rows.start])
+            for page, rows in spans
+        ]
+        total, block = spans[-1][1].stop, self.block_rows or 1
+        padding = -(-total // block) * block - total
         x = decoder.layernorm_embedding(_stack(inputs, padding))  # (rows + padding, E)
         masks = [self._self_mask(page, rows.stop - rows.start, length) for page, rows in spans]
 
@@ -565,11 +553,18 @@ class BatchDecoder:
         for page, rows in spans:
             for job in page.jobs:
                 if job is not None:
-                    slot_rows = page.rows_of(job.slot)
-                    first = rows.start + slot_rows.start
-                    if first < rows.stop:
-                        out[first : first + job.rows] = F.gelu(x[first : first + job.rows])
+                    first = rows.start + page.rows_of(job.slot).start
+                    out[first : first + job.rows] = F.gelu(x[first : first + job.rows])
         return out
+
+
+def _spans(layout: list[tuple[_Page, int]]) -> list[tuple[_Page, slice]]:
+    """Each page's rows in a step's batch: its first `used` slots, page after page."""
+    spans, start = [], 0
+    for page, used in layout:
+        spans.append((page, slice(start, start + used * page.slot_rows)))
+        start += used * page.slot_rows
+    return spans
 
 
 def _stack(parts: list[Tensor], padding: int) -> Tensor:
