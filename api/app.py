@@ -20,10 +20,10 @@ from flask.json.provider import DefaultJSONProvider
 from api import health, metrics, openapi, routes
 from api.problems import register_error_handlers
 from api.services import Services, ServicesBuilder, services_from_settings
-from worker.queue import JobQueue
-from worker.settings import Settings
-from worker.storage import Storage
-from worker.store import JobStore
+from core.queue import JobQueue
+from core.settings import Settings
+from core.storage import Storage
+from core.store import JobStore
 
 if TYPE_CHECKING:
     from model.tokenizer import TextTokenizer
@@ -70,7 +70,7 @@ def create_app_from_env(
     build_services: ServicesBuilder = services_from_settings,
     environ: Mapping[str, str] = os.environ,
 ) -> Flask:
-    """The API configured from DALLE_FARM_* variables (see worker.settings); `build_services`
+    """The API configured from DALLE_FARM_* variables (see core.settings); `build_services`
     makes the store, storage and queue those settings describe."""
     settings = Settings.from_env(environ)
     services = build_services(settings)

@@ -12,7 +12,7 @@ from http import HTTPStatus
 from flask import Blueprint, g, request
 
 from api.problems import Problem
-from worker.store import JobStore
+from core.store import JobStore
 
 _CHALLENGE = 'Bearer realm="dalle-farm"'
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.job import JobRecord
-from worker.storage import Storage
+from core.job import JobRecord
+from core.storage import Storage
 
 
 def job_json(record: JobRecord, storage: Storage) -> dict[str, Any]:

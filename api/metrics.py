@@ -26,9 +26,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from api.services import Services
-from worker.job import JobStatus
-from worker.queue import JobQueue
-from worker.store import DURATION_BUCKETS_S, JobStore
+from core.job import JobStatus
+from core.queue import JobQueue
+from core.store import DURATION_BUCKETS_S, JobStore
 
 
 class FarmCollector(Collector):

@@ -12,7 +12,7 @@ from flask import Blueprint, Response, jsonify
 
 from api.problems import PROBLEM_MIMETYPE, PROBLEM_TYPES, problem_type
 from api.routes import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, MAX_BODY_BYTES, MAX_IDEMPOTENCY_KEY_CHARS
-from worker.job import (
+from core.job import (
     MODELS,
     PROGRESS_TOTAL,
     SEED_MAX,
@@ -23,7 +23,7 @@ from worker.job import (
     JobParams,
     JobStatus,
 )
-from worker.settings import Settings
+from core.settings import Settings
 
 _SCHEMAS = "#/components/schemas/"
 

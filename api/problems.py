@@ -21,9 +21,9 @@ from typing import Any
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from worker.job import FieldError
-from worker.storage import StorageUnavailable
-from worker.store import StoreUnavailable
+from core.job import FieldError
+from core.storage import StorageUnavailable
+from core.store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from api.auth import current_owner, require_owner
 from api.job_json import job_json
 from api.problems import Problem, redact, unavailable
 from api.services import Services
-from worker.job import (
+from core.job import (
     FieldError,
     InvalidParams,
     JobParams,
@@ -40,9 +40,9 @@ from worker.job import (
     text_token_warning,
     utc_now,
 )
-from worker.settings import Settings
-from worker.storage import LocalStorage, ObjectNotFound
-from worker.store import IdempotencyConflict, JobNotFound
+from core.settings import Settings
+from core.storage import LocalStorage, ObjectNotFound
+from core.store import IdempotencyConflict, JobNotFound
 
 logger = logging.getLogger(__name__)
 

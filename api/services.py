@@ -2,7 +2,7 @@
 
 `Services` is the seam: tests pass real SQLite ones, `create_app_from_env` builds them from
 Settings with a builder (`ServicesBuilder`), by default `services_from_settings`, which takes the
-store, storage and queue from worker.services (the same backends the workers use) and adds the
+store, storage and queue from core.services (the same backends the workers use) and adds the
 tokenizer.
 """
 
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.queue import JobQueue
-from worker.settings import Settings
-from worker.storage import LocalStorage, Storage
-from worker.store import JobStore
+from core.queue import JobQueue
+from core.settings import Settings
+from core.storage import LocalStorage, Storage
+from core.store import JobStore
 
 if TYPE_CHECKING:
     from model.tokenizer import TextTokenizer
@@ -38,9 +38,9 @@ ServicesBuilder = Callable[[Settings], Services]
 
 
 def services_from_settings(settings: Settings) -> Services:
-    """The farm's backends as `settings` describe them (worker.services.build_services), and the
+    """The farm's backends as `settings` describe them (core.services.build_services), and the
     model's tokenizer when its files are under settings.models_root."""
-    from worker.services import build_services
+    from core.services import build_services
 
     # No S3 call at start-up: with the bucket unreachable the API still starts, and /readyz
     # says why it is not ready. A local results folder is only a mkdir.

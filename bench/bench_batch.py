@@ -1,9 +1,9 @@
 """CPU benchmark for continuous batching (issue 4): the same jobs one at a time, then together.
 
 Mini-size random weights are written once to --models-root (as bench_cpu does); a models root
-that already holds weights (say small ones, from `python -m model.random_weights ROOT`) is used
-as it is. One resident MinDalle (float32, CPU) serves every case. The jobs: --jobs distinct
-prompts, distinct seeds, one --grid-size each, min-dalle's default sampling settings.
+that already holds weights (say small ones, from `python -m model.weights.random_weights ROOT`)
+is used as it is. One resident MinDalle (float32, CPU) serves every case. The jobs: --jobs
+distinct prompts, distinct seeds, one --grid-size each, min-dalle's default sampling settings.
 
 - sequential: each job alone through model.batch.BatchDecoder (add, step until done), then
   MinDalle.detokenize; the next job starts when the previous one has its image.

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from model import MinDalle, ModelConfig
-from model.random_weights import write_random_weights
+from model.weights.random_weights import write_random_weights
 from tests.reference import reference_model
 
 TEXT = "a painting of a fox in the snow"

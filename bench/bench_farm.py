@@ -2,7 +2,7 @@
 
 Starts a farm of its own on loopback, with nothing shared with the machine: redis-server and
 moto's S3 server on free ports, `dalle-farm api` and `dalle-farm worker --gpus cpu
---concurrency N` subprocesses, small random weights (`model.random_weights`, the real VQGAN)
+--concurrency N` subprocesses, small random weights (`model.weights.random_weights`, the real VQGAN)
 unless --models-root names others. Once the worker has rendered a few untimed warm-up jobs, it
 submits --jobs jobs (distinct prompts and seeds, grid_size 1, min-dalle's default sampling)
 concurrently over HTTP and polls the job list until all have succeeded. Then it stops the farm
@@ -43,8 +43,11 @@ from typing import Any
 import torch
 
 from bench.bench_batch import Job, make_jobs, run_concurrent
+from core.job import JobParams, job_json_key
+from core.services import build_storage
+from core.settings import Settings
 from model.batch import BatchDecoder
-from model.random_weights import SMALL_CONFIG, write_random_weights
+from model.weights.random_weights import SMALL_CONFIG, write_random_weights
 from tests.farm_helpers import (
     AWS_ENV,
     AWS_ENV_REMOVED,
@@ -59,9 +62,6 @@ from tests.farm_helpers import (
 )
 from tests.servers import RedisServer, free_port
 from worker.engine import Engine
-from worker.job import JobParams, job_json_key
-from worker.services import build_storage
-from worker.settings import Settings
 
 BUCKET = "bench-farm"
 POLL_S = 0.5

@@ -40,7 +40,7 @@ from model import MinDalle, ModelConfig
 from model.batch import CUDA_BLOCK_ROWS, BatchDecoder
 from model.config import IMAGE_TOKEN_COUNT, VQGAN_CODE_COUNT
 from model.generate import SamplingSettings
-from model.random_weights import write_random_weights
+from model.weights.random_weights import write_random_weights
 
 GRID = 4
 RESULTS: dict[str, Any] = {}

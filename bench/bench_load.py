@@ -49,7 +49,7 @@ WORKER_START = (
 import json, sys, time
 start = time.perf_counter()
 import torch
-from model.manifest import weights_identity
+from model.weights.manifest import weights_identity
 from model.min_dalle import MinDalle
 imported = time.perf_counter()
 model = MinDalle(sys.argv[1], dtype=torch.float32, device="cpu", is_mega=False,
@@ -97,9 +97,9 @@ def child(script: str, *args: str | Path) -> dict[str, float | str]:
 def prepare(out: Path) -> tuple[Path, Path]:
     """The .pt weights and their Flax checkpoints, written once."""
     from model import ModelConfig
-    from model.random_flax import write_flax_checkpoints
-    from model.random_weights import write_random_weights
-    from model.weights import WeightPaths
+    from model.weights.files import WeightPaths
+    from model.weights.random_flax import write_flax_checkpoints
+    from model.weights.random_weights import write_random_weights
 
     pt_root, hub = out / "pt", out / "hub"
     if not (pt_root / "vqgan" / "detoker.pt").exists():
@@ -118,7 +118,7 @@ def write_mega_sized_checkpoint(folder: Path, vocab_from: Path) -> None:
     import numpy as np
 
     from model import ModelConfig
-    from model.random_flax import dalle_mini_config
+    from model.weights.random_flax import dalle_mini_config
 
     config = ModelConfig.mega()
     layers, embed, glu = config.layer_count, config.embed_count, config.glu_embed_count
@@ -208,7 +208,7 @@ def main() -> None:
     )
 
     # The .pt layout gets a manifest too, so that both starts hash their files the same way.
-    from model.manifest import record_folder
+    from model.weights.manifest import record_folder
 
     for folder in (pt_root / "dalle_bart_mini", pt_root / "vqgan"):
         record_folder(folder, source={"kind": "bench"})

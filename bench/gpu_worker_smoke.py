@@ -12,9 +12,9 @@ from __future__ import annotations
 import threading
 import time
 
+from core.job import JobParams
+from core.settings import Settings
 from worker.engine import Engine
-from worker.job import JobParams
-from worker.settings import Settings
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from cli.main import CommandError
 if TYPE_CHECKING:
     from flask import Flask
 
-    from worker.settings import Settings
+    from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def bind_address(host: str, port: int) -> str:
 
 
 def load_settings() -> Settings:
-    from worker.settings import Settings, SettingsError
+    from core.settings import Settings, SettingsError
 
     try:
         return Settings.from_env()
@@ -107,7 +107,7 @@ def create_api_app(settings: Settings, anonymous_owner: str | None = None) -> Fl
     """The Flask app over the services `settings` describe (built in the calling process)."""
     from api.app import create_app
     from api.services import load_tokenizer
-    from worker.services import build_services
+    from core.services import build_services
 
     services = build_services(settings, ensure_bucket=False)
     return create_app(
@@ -123,9 +123,9 @@ def create_api_app(settings: Settings, anonymous_owner: str | None = None) -> Fl
 def check_services(settings: Settings) -> None:
     """Fail fast, with the reason, when the store or storage cannot be used; create the
     bucket (or folder) if missing."""
-    from worker.services import build_services
-    from worker.storage import StorageError
-    from worker.store import StoreError
+    from core.services import build_services
+    from core.storage import StorageError
+    from core.store import StoreError
 
     try:
         services = build_services(settings, ensure_bucket=True)

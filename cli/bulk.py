@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from client.errors import FarmError
     from client.http import FarmClient
     from client.rows import InputError, dataset_id, plan_jobs, read_rows
-    from worker.job import InvalidParams, parse_params
+    from core.job import InvalidParams, parse_params
 
     defaults = _settings(args)
     try:

@@ -34,8 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace) -> int:
     """Run the keys action; return the exit status."""
     from cli.api import load_settings
-    from worker.services import build_store
-    from worker.store import StoreError
+    from core.services import build_store
+    from core.store import StoreError
 
     settings = load_settings()
     try:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from cli.main import CommandError
 
 if TYPE_CHECKING:
-    from model.manifest import Manifest
-    from model.weights import WeightPaths
+    from model.weights.files import WeightPaths
+    from model.weights.manifest import Manifest
 
 MODELS_ROOT_ENV = "DALLE_FARM_MODELS_ROOT"
 DTYPES = ("float16", "bfloat16", "float32")
@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     import torch
 
-    from model import fetch
-    from model.weights import WeightPaths
+    from model.weights import fetch
+    from model.weights.files import WeightPaths
 
     paths = WeightPaths(args.models_root, args.mega)
     if args.hub is not None:
@@ -188,7 +188,7 @@ def _fetch(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
-    from model import convert
+    from model.weights import convert
 
     for folder in args.checkpoints:
         if not folder.is_dir():
@@ -214,7 +214,7 @@ def _weight_folders(models_root: Path) -> list[Path]:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from model import manifest
+    from model.weights import manifest
 
     folders = _weight_folders(args.models_root)
     if not folders:
@@ -242,7 +242,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from model.weights import WeightPaths
+    from model.weights.files import WeightPaths
 
     root = args.models_root
     print(f"models root: {root}")
@@ -264,9 +264,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _print_model(paths: WeightPaths, name: str) -> None:
-    from model import manifest
     from model.config import ModelConfig
     from model.errors import ModelError
+    from model.weights import manifest
 
     print(f"{name}: {paths.dalle_dir}{_source_note(paths.dalle_dir)}")
     config = ModelConfig.preset(paths.is_mega)
@@ -290,7 +290,7 @@ def _print_model(paths: WeightPaths, name: str) -> None:
 
 
 def _source_note(folder: Path) -> str:
-    from model import manifest
+    from model.weights import manifest
 
     found = manifest.read_manifest(folder)
     if found is None:
@@ -304,7 +304,7 @@ def _source_note(folder: Path) -> str:
 
 
 def _print_files(folder: Path) -> None:
-    from model import manifest
+    from model.weights import manifest
 
     found: Manifest | None = manifest.read_manifest(folder)
     for file_name in manifest.weight_file_names(folder):
@@ -319,7 +319,7 @@ def _print_files(folder: Path) -> None:
 
 def _dtype(path: Path) -> str:
     from model.errors import WeightsFormatError
-    from model.tensor_files import SAFETENSORS_SUFFIX, header_dtypes, read_header
+    from model.weights.tensor_files import SAFETENSORS_SUFFIX, header_dtypes, read_header
 
     try:
         if path.suffix == SAFETENSORS_SUFFIX:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.job import SEED_MAX, InvalidParams, parse_params
+from core.job import SEED_MAX, InvalidParams, parse_params
 
 # Largest grid size any farm may accept (DALLE_FARM_MAX_GRID_SIZE's upper bound); the server
 # checks its own limit.

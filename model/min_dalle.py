@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from model import fetch, manifest
 from model.bart import DalleBartDecoder, DalleBartEncoder, TextContext
 from model.config import ModelConfig
 from model.errors import ModelError
 from model.generate import SamplingSettings, StepCallback, decode_image_tokens
 from model.tokenizer import TextTokenizer, text_tokens
 from model.vqgan import PIXELS_PER_SIDE, VQGanDetokenizer
-from model.weights import Stage, WeightPaths, load_module
+from model.weights import fetch, manifest
+from model.weights.files import Stage, WeightPaths, load_module
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class MinDalle:
         logger.log(logging.INFO if self.is_verbose else logging.DEBUG, message, *args)
 
     def _fetch_missing(self) -> None:
-        # By default the original checkpoints, converted once; see model.fetch.
+        # By default the original checkpoints, converted once; see model.weights.fetch.
         fetch.ensure_weights(self.paths, show_progress=self.is_verbose)
 
     def _stage_file(self, stage: Stage) -> Path:

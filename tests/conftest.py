@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.random_flax import write_flax_checkpoints
-from model.random_weights import SMALL_CONFIG, write_random_weights
-from model.weights import WeightPaths
+from model.weights.files import WeightPaths
+from model.weights.random_flax import write_flax_checkpoints
+from model.weights.random_weights import SMALL_CONFIG, write_random_weights
 
 __all__ = ["SMALL_CONFIG"]
 

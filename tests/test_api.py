@@ -23,8 +23,7 @@ from werkzeug.test import TestResponse
 
 from api.app import create_app, create_app_from_env
 from api.services import Services, load_tokenizer, services_from_settings
-from model.tokenizer import TextTokenizer
-from worker.job import (
+from core.job import (
     PROGRESS_TOTAL,
     SEED_MAX,
     JobParams,
@@ -35,11 +34,12 @@ from worker.job import (
     preview_key,
     utc_now,
 )
-from worker.queue_sqlite import SqliteJobQueue
-from worker.settings import Settings
-from worker.storage import LocalStorage, S3Storage
-from worker.store import DURATION_BUCKETS_S, StoreUnavailable
-from worker.store_sqlite import SqliteJobStore
+from core.queue_sqlite import SqliteJobQueue
+from core.settings import Settings
+from core.storage import LocalStorage, S3Storage
+from core.store import DURATION_BUCKETS_S, StoreUnavailable
+from core.store_sqlite import SqliteJobStore
+from model.tokenizer import TextTokenizer
 
 PROBLEM = "application/problem+json"
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
@@ -870,10 +870,10 @@ import sys
 from pathlib import Path
 import api.app
 from api.app import create_app
-from worker.settings import Settings
-from worker.storage import LocalStorage
-from worker.queue_sqlite import SqliteJobQueue
-from worker.store_sqlite import SqliteJobStore
+from core.settings import Settings
+from core.storage import LocalStorage
+from core.queue_sqlite import SqliteJobQueue
+from core.store_sqlite import SqliteJobStore
 root = Path({str(tmp_path)!r})
 app = create_app(
     Settings(),

@@ -30,6 +30,8 @@ import webdataset
 from client import FarmClient
 from client.bulk import idempotency_key
 from client.rows import InputError, dataset_id, derived_seed, plan_jobs, read_rows
+from core.services import build_store
+from core.settings import Settings
 from tests.farm_helpers import (
     AWS_ENV,
     AWS_ENV_REMOVED,
@@ -43,8 +45,6 @@ from tests.farm_helpers import (
 )
 from tests.fault_proxy import Fault, FaultProxy
 from tests.servers import RedisServer, free_port
-from worker.services import build_store
-from worker.settings import Settings
 
 BULK_TIMEOUT_S = 600
 START_TIMEOUT_S = 120

@@ -1,10 +1,10 @@
-"""Converting dalle-mini's Flax checkpoints (model/flax.py, model/convert.py) and loading the
-result as safetensors (model/weights.py).
+"""Converting dalle-mini's Flax checkpoints (model/weights/flax.py, model/weights/convert.py) and
+loading the result as safetensors (model/weights/files.py).
 
 The small random model is written twice, as min-dalle's .pt files and as the hub's Flax
-checkpoints of the same weights (model/random_flax.py: dalle-mini's parameter tree with scanned
-layer stacks, serialized as flax.serialization does). The converted model must give exactly the
-images of the .pt files.
+checkpoints of the same weights (model/weights/random_flax.py: dalle-mini's parameter tree with
+scanned layer stacks, serialized as flax.serialization does). The converted model must give exactly
+the images of the .pt files.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 from model import MinDalle, WeightsFormatError
 from model.bart import DalleBartDecoder, DalleBartEncoder
 from model.config import ModelConfig
-from model.convert import (
+from model.vqgan import VQGanDetokenizer
+from model.weights.convert import (
     checkpoint_kind,
     convert_bart,
     convert_checkpoint,
@@ -30,16 +31,15 @@ from model.convert import (
     model_config_from_flax,
     pt_to_safetensors,
 )
-from model.flax import FlaxCheckpoint
-from model.random_flax import (
+from model.weights.files import STAGES, WeightPaths, load_module, read_state_dict
+from model.weights.flax import FlaxCheckpoint
+from model.weights.random_flax import (
     bart_tree,
     dalle_mini_config,
     vqgan_tree,
     write_msgpack,
 )
-from model.tensor_files import read_header
-from model.vqgan import VQGanDetokenizer
-from model.weights import STAGES, WeightPaths, load_module, read_state_dict
+from model.weights.tensor_files import read_header
 from tests.conftest import SMALL_CONFIG
 
 CPU = torch.device("cpu")

@@ -3,7 +3,7 @@
 
 There is no Docker engine where the tests run, so the files are parsed, not run: the compose file
 with PyYAML (plus a small reimplementation of compose's `${...}` interpolation), the Dockerfiles
-line by line. worker/settings.py's docstring is the list of farm variables they must agree with.
+line by line. core/settings.py's docstring is the list of farm variables they must agree with.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from worker.settings import MODELS, Settings
+from core.settings import MODELS, Settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -193,11 +193,11 @@ def env_example_values() -> dict[str, str]:
 
 @functools.cache
 def settings_variables() -> frozenset[str]:
-    """Every variable worker/settings.py's docstring lists: the source of truth."""
-    source = (ROOT / "worker" / "settings.py").read_text(encoding="utf-8")
+    """Every variable core/settings.py's docstring lists: the source of truth."""
+    source = (ROOT / "core" / "settings.py").read_text(encoding="utf-8")
     docstring = ast.get_docstring(ast.parse(source)) or ""
     names = frozenset(FARM_VARIABLE.findall(docstring))
-    assert "DALLE_FARM_REDIS_URL" in names, "worker/settings.py's docstring lists no variables"
+    assert "DALLE_FARM_REDIS_URL" in names, "core/settings.py's docstring lists no variables"
     return names
 
 

@@ -1,4 +1,4 @@
-"""Tests for model.download against a real HTTP server on loopback."""
+"""Tests for model.weights.download against a real HTTP server on loopback."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from model import download
-from model.download import (
+from model.errors import WeightsNotFoundError
+from model.weights import download
+from model.weights.download import (
     DEFAULT_WEIGHTS_URL,
     WEIGHTS_URL_ENV,
     download_file,
@@ -16,7 +17,6 @@ from model.download import (
     remote_file_name,
     weights_base_url,
 )
-from model.errors import WeightsNotFoundError
 from tests.servers import FileServer, file_server, free_port
 
 # A few 1 MiB chunks and not a multiple of one, so breaks can fall after whole chunks.

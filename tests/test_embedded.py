@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.job import JobStatus
+from core.store_sqlite import SqliteJobStore
 from tests.farm_helpers import REPO_ROOT, FarmProcess, http, http_json, subprocess_env, wait_for
 from tests.servers import free_port
-from worker.job import JobStatus
-from worker.store_sqlite import SqliteJobStore
 
 JOB_TIMEOUT_S = 90
 

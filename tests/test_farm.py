@@ -29,6 +29,10 @@ from PIL import Image
 from api.app import create_app
 from cli.main import CommandError
 from cli.worker import child_for, parse_gpus
+from core.job import decode_tokens, grid_key, image_key, job_json_key
+from core.services import FarmServices, build_services
+from core.settings import Settings
+from core.storage import S3Storage
 from tests.farm_helpers import (
     AWS_ENV,
     AWS_ENV_REMOVED,
@@ -41,10 +45,6 @@ from tests.farm_helpers import (
     worker_process,
 )
 from tests.servers import RedisServer, free_port
-from worker.job import decode_tokens, grid_key, image_key, job_json_key
-from worker.services import FarmServices, build_services
-from worker.settings import Settings
-from worker.storage import S3Storage
 
 BUCKET = "farm-results"
 VISIBILITY_TIMEOUT_S = 10

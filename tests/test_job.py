@@ -1,4 +1,4 @@
-"""Tests for worker.job, the job contract: pure logic, no Redis or model weights needed."""
+"""Tests for core.job, the job contract: pure logic, no Redis or model weights needed."""
 
 from __future__ import annotations
 
@@ -12,10 +12,7 @@ from typing import Any
 
 import pytest
 
-from model.config import IMAGE_TOKEN_COUNT, VQGAN_CODE_COUNT, ModelConfig
-from model.random_weights import write_tokenizer
-from model.tokenizer import TextTokenizer
-from worker.job import (
+from core.job import (
     PARAM_FIELDS,
     PROGRESS_TOTAL,
     SEED_MAX,
@@ -46,6 +43,9 @@ from worker.job import (
     tile_index,
     utc_now,
 )
+from model.config import IMAGE_TOKEN_COUNT, VQGAN_CODE_COUNT, ModelConfig
+from model.tokenizer import TextTokenizer
+from model.weights.random_weights import write_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NAN = float("nan")
@@ -76,7 +76,7 @@ def test_constants_match_the_model_config() -> None:
 
 def test_importing_the_contract_loads_no_heavy_dependency() -> None:
     code = (
-        "import sys, worker.job\n"
+        "import sys, core.job\n"
         "heavy = [m for m in ('torch', 'flask', 'celery', 'boto3', 'redis') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

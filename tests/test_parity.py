@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model import MinDalle, ModelConfig
-from model.random_weights import write_random_weights
+from model.weights.random_weights import write_random_weights
 from tests.conftest import SMALL_CONFIG
 from tests.reference import ReferenceRun, reference_model, run_reference
 

@@ -20,13 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.batch import BatchDecoder
-from model.errors import WeightsFormatError
-from model.generate import SamplingSettings
-from model.manifest import weights_identity
-from model.weights import WeightPaths
-from worker.engine import Engine, Rendered, batch_rows_for_memory, png_bytes
-from worker.job import (
+from core.job import (
     JobParams,
     JobRecord,
     JobStatus,
@@ -40,10 +34,16 @@ from worker.job import (
     result_prefix,
     utc_now,
 )
+from core.settings import Settings
+from core.storage import LocalStorage, StorageUnavailable
+from core.store_sqlite import SqliteJobStore
+from model.batch import BatchDecoder
+from model.errors import WeightsFormatError
+from model.generate import SamplingSettings
+from model.weights.files import WeightPaths
+from model.weights.manifest import weights_identity
+from worker.engine import Engine, Rendered, batch_rows_for_memory, png_bytes
 from worker.runner import Outcome, lease_owner, run_job
-from worker.settings import Settings
-from worker.storage import LocalStorage, StorageUnavailable
-from worker.store_sqlite import SqliteJobStore
 
 WORKER = "test-worker@host"
 

@@ -1,4 +1,4 @@
-"""worker.storage against a real S3 server on loopback (moto in server mode) and a temp folder."""
+"""core.storage against a real S3 server on loopback (moto in server mode) and a temp folder."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from tests.servers import free_port
-from worker.settings import Settings
-from worker.storage import (
+from core.settings import Settings
+from core.storage import (
     LocalStorage,
     ObjectNotFound,
     S3Storage,
     StorageUnavailable,
     storage_from_settings,
 )
+from tests.servers import free_port
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 

@@ -13,19 +13,19 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.servers import RedisServer, free_port, running_redis
-from worker.job import JobRecord, JobStatus, new_job_id, utc_now
-from worker.queue import JobQueue
-from worker.queue_sqlite import SqliteJobQueue
-from worker.store import (
+from core.job import JobRecord, JobStatus, new_job_id, utc_now
+from core.queue import JobQueue
+from core.queue_sqlite import SqliteJobQueue
+from core.store import (
     DURATION_BUCKETS_S,
     IdempotencyConflict,
     JobNotFound,
     JobStore,
     StoreUnavailable,
 )
-from worker.store_redis import RedisJobStore, redact_url
-from worker.store_sqlite import SqliteJobStore
+from core.store_redis import RedisJobStore, redact_url
+from core.store_sqlite import SqliteJobStore
+from tests.servers import RedisServer, free_port, running_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER_ALIVE_S = 0.5
@@ -558,7 +558,7 @@ def test_queue_survives_reopening(tmp_path: Path) -> None:
 
 _LEASE_ALL = """
 import sys, time
-from worker.queue_sqlite import SqliteJobQueue
+from core.queue_sqlite import SqliteJobQueue
 path, worker, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with SqliteJobQueue(path) as queue:
     time.sleep(max(0.0, start_at - time.time()))

@@ -1,4 +1,4 @@
-"""Strict, code-free loading of weight files (model/weights.py), mostly through MinDalle.
+"""Strict, code-free loading of weight files (model/weights/files.py), mostly through MinDalle.
 
 Each test damages a private copy of the small random model and checks that loading fails with a
 WeightsFormatError whose message names the file (and the key) at fault.
@@ -16,7 +16,7 @@ import torch
 
 from model import MinDalle, WeightsFormatError
 from model.bart import DalleBartDecoder, DalleBartEncoder
-from model.weights import (
+from model.weights.files import (
     SCALE_FREE_NORMS,
     WeightPaths,
     is_scale_free_norm_weight,

@@ -1,8 +1,8 @@
-"""Getting weights today (model/fetch.py, model/manifest.py, `dalle-farm weights`).
+"""Getting weights today (model/weights/fetch.py, model/weights/manifest.py, `dalle-farm weights`).
 
 A loopback HTTP server plays the Hugging Face hub (``/{repo}/resolve/main/{file}``) or a mirror
 of min-dalle's .pt files, serving checkpoints written from the small random model
-(model/random_flax.py). No real network is used.
+(model/weights/random_flax.py). No real network is used.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import pytest
 import torch
 
 from cli.main import main
-from model import MinDalle, ModelConfig, WeightsFormatError, WeightsNotFoundError, download, fetch
-from model.manifest import (
+from model import MinDalle, ModelConfig, WeightsFormatError, WeightsNotFoundError
+from model.weights import download, fetch
+from model.weights.files import STAGES, WeightPaths, read_state_dict
+from model.weights.manifest import (
     MANIFEST_NAME,
     identity_hash,
     read_manifest,
     verify_folder,
     weights_identity,
 )
-from model.weights import STAGES, WeightPaths, read_state_dict
 from tests.conftest import SMALL_CONFIG
 from tests.servers import FileServer, file_server, free_port
 

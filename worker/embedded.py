@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from worker.queue_sqlite import SqliteJobQueue
+from core.queue_sqlite import SqliteJobQueue
+from core.settings import Settings
+from core.storage import Storage, StorageUnavailable
+from core.store import JobStore, StoreUnavailable
 from worker.runner import Outcome, RenderEngine, lease_owner, run_job
-from worker.settings import Settings
-from worker.storage import Storage, StorageUnavailable
-from worker.store import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    from core.services import build_embedded_queue, build_storage, build_store
     from model.errors import ModelError
     from worker.engine import Engine
-    from worker.services import build_embedded_queue, build_storage, build_store
 
     store = build_store(settings)
     queue = build_embedded_queue(settings)

@@ -9,8 +9,8 @@ from any number of job threads at once, turns JobParams into PNG bytes:
 - with progressive_outputs, a preview grid per intermediate decoder frame, handed to a callback
   as soon as it exists.
 
-The engine's `weights` is model.manifest.weights_identity: every file the model loads, hashed
-again when the worker starts and checked against the manifest beside it, for job.json.
+The engine's `weights` is model.weights.manifest.weights_identity: every file the model loads,
+hashed again when the worker starts and checked against the manifest beside it, for job.json.
 
 torch is imported here; the API never imports this module.
 """
@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from core.job import JobParams
+from core.settings import Settings
 from model.config import IMAGE_TOKEN_COUNT
 from model.generate import START_TOKEN, SamplingSettings
-from model.manifest import weights_identity
 from model.min_dalle import MinDalle
 from model.vqgan import PIXELS_PER_SIDE
+from model.weights.manifest import weights_identity
 from worker.batching import CHECKPOINT_EVERY, BatchEngine, CheckpointCallback
-from worker.job import JobParams
-from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

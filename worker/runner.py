@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from model.errors import ModelError
-from worker.job import (
+from core.job import (
     JobParams,
     JobRecord,
     JobStatus,
@@ -50,9 +49,10 @@ from worker.job import (
     resolve_seed,
     utc_now,
 )
-from worker.settings import Settings
-from worker.storage import Storage, StorageUnavailable
-from worker.store import JobStore, StoreUnavailable
+from core.settings import Settings
+from core.storage import Storage, StorageUnavailable
+from core.store import JobStore, StoreUnavailable
+from model.errors import ModelError
 
 log = logging.getLogger(__name__)
 

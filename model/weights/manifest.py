@@ -24,12 +24,11 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from model.errors import WeightsFormatError
-
-if TYPE_CHECKING:
-    from model.weights import WeightPaths
+from model.weights.files import WeightPaths
+from model.weights.tensor_files import FileRecord
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +40,6 @@ TENSOR_SUFFIXES = (".pt", ".safetensors")
 _HASH_CHUNK_BYTES = 1 << 20
 # hashlib releases the GIL on large buffers, so files hash in parallel.
 _HASH_THREADS = 4
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """What a manifest knows of one file."""
-
-    sha256: str
-    size: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "size": self.size}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """How a job id reaches a worker.
 
-    CeleryJobQueue   distributed: a Celery task message in Redis (worker/celery_app.py)
+    CeleryJobQueue   distributed: a Celery task message in Redis (core/queue_celery.py)
     SqliteJobQueue   embedded `serve`: a leased row in the same SQLite file as the store
 
 Both carry only the job id; the record lives in the JobStore.
@@ -21,5 +21,5 @@ class JobQueue(Protocol):
         ...
 
     def check(self) -> None:
-        """Raise worker.store.StoreUnavailable when the queue cannot be reached (for /readyz)."""
+        """Raise core.store.StoreUnavailable when the queue cannot be reached (for /readyz)."""
         ...

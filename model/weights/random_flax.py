@@ -1,5 +1,5 @@
 """Flax checkpoints in dalle-mini's exact layout, written from torch weights, for tests and
-benchmarks of the conversion (model.convert).
+benchmarks of the conversion (model.weights.convert).
 
 No real checkpoint can be downloaded where tests run, so this writes what dalle-mini's
 ``save_pretrained`` would have written for the same weights: the parameter tree of
@@ -8,7 +8,7 @@ axis, or per-layer ``FlaxBart…Layer_{i}``) and of the VQGAN (``VQModel``, enco
 float32, serialized the way ``flax.serialization.to_bytes`` does it (msgpack, arrays as ext type
 1, arrays over a size limit chunked), with dalle-mini's config.json, vocab.json and merges.txt.
 
-The mapping here is written from the Flax side, separately from model.convert's, so that a
+The mapping here is written from the Flax side, separately from model.weights.convert's, so that a
 conversion test checks one against the other rather than a function against itself.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from model.config import IMAGE_TOKEN_COUNT, ModelConfig
-from model.weights import WeightPaths, read_state_dict
+from model.weights.files import WeightPaths, read_state_dict
 
 FLAX_MAX_CHUNK_BYTES = 2**30  # flax.serialization.MAX_CHUNK_SIZE
 

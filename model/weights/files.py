@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from model.errors import WeightsFormatError
-from model.tensor_files import SAFETENSORS_SUFFIX, read_header
+from model.weights.tensor_files import SAFETENSORS_SUFFIX, read_header
 
 logger = logging.getLogger(__name__)
 

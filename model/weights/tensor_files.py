@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from model.errors import WeightsFormatError
-from model.manifest import FileRecord
 
 if TYPE_CHECKING:
     import torch
@@ -42,6 +41,17 @@ DTYPE_SIZES |= {"U8": 1, "BOOL": 1}
 DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 DTYPE_NAMES |= {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8"}
 DTYPE_NAMES |= {"U8": "uint8", "BOOL": "bool"}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file's sha256 and size: what a manifest knows of it."""
+
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size}
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from worker.queue import JobQueue
-from worker.settings import Settings
-from worker.storage import Storage, storage_from_settings
-from worker.store import JobStore
+from core.queue import JobQueue
+from core.settings import Settings
+from core.storage import Storage, storage_from_settings
+from core.store import JobStore
 
 if TYPE_CHECKING:
-    from worker.queue_sqlite import SqliteJobQueue
+    from core.queue_sqlite import SqliteJobQueue
 
 # The embedded farm's database, in Settings.data_dir; the store and the queue share it.
 EMBEDDED_DATABASE = "farm.db"
@@ -42,18 +42,18 @@ class FarmServices:
 def build_store(settings: Settings) -> JobStore:
     """RedisJobStore on settings.redis_url, or the embedded SqliteJobStore."""
     if settings.is_embedded:
-        from worker.store_sqlite import SqliteJobStore
+        from core.store_sqlite import SqliteJobStore
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         return SqliteJobStore(settings.data_dir / EMBEDDED_DATABASE)
-    from worker.store_redis import RedisJobStore
+    from core.store_redis import RedisJobStore
 
     assert settings.redis_url is not None
     return RedisJobStore(settings.redis_url)
 
 
 def build_embedded_queue(settings: Settings) -> SqliteJobQueue:
-    from worker.queue_sqlite import SqliteJobQueue
+    from core.queue_sqlite import SqliteJobQueue
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return SqliteJobQueue(settings.data_dir / EMBEDDED_DATABASE)
@@ -75,7 +75,7 @@ def build_queue(settings: Settings, store: JobStore) -> JobQueue:
     """CeleryJobQueue (looking jobs' models up in `store`), or the embedded SqliteJobQueue."""
     if settings.is_embedded:
         return build_embedded_queue(settings)
-    from worker.celery_app import CeleryJobQueue
+    from core.queue_celery import CeleryJobQueue
 
     return CeleryJobQueue(settings, store=store)
 

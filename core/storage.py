@@ -3,7 +3,7 @@
 Torch-free, so the API imports it too: workers `put` images, the API hands out `url`s to them and
 calls `check` from /readyz.
 
-Configuration (worker/settings.py reads it; `storage_from_settings` builds the storage):
+Configuration (core/settings.py reads it; `storage_from_settings` builds the storage):
 
 - `DALLE_FARM_S3_BUCKET`: bucket name (default "dalle-farm" when S3 is in use).
 - `DALLE_FARM_S3_ENDPOINT_URL`: endpoint of an S3-compatible store, e.g. "http://minio:9000" or
@@ -38,7 +38,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from worker.settings import Settings
+    from core.settings import Settings
 
 MAX_URL_EXPIRY_S = 3600
 DEFAULT_BUCKET = "dalle-farm"

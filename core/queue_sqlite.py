@@ -1,13 +1,13 @@
 """The JobQueue of the embedded `dalle-farm serve`: a table in the store's SQLite file
-(worker/store_sqlite.py explains the file, its connections and its locking)."""
+(core/store_sqlite.py explains the file, its connections and its locking)."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from worker.store import check_ttl
-from worker.store_sqlite import SqliteDatabase
+from core.store import check_ttl
+from core.store_sqlite import SqliteDatabase
 
 
 class SqliteJobQueue:

@@ -8,11 +8,11 @@
 Where from (`Source`), by default:
 
 - ``$DALLE_FARM_WEIGHTS_URL`` set: a mirror of min-dalle's .pt files (``encoder_mini.pt``, …;
-  see model.download.remote_file_name), downloaded as they are.
+  see model.weights.download.remote_file_name), downloaded as they are.
 - otherwise the original checkpoints that the dalle-mini project still publishes on the Hugging
   Face hub (``$HF_ENDPOINT``, default https://huggingface.co): ``dalle-mini/dalle-mini``,
   ``dalle-mini/dalle-mega`` and ``dalle-mini/vqgan_imagenet_f16_16384``. They are downloaded
-  (resumable) to ``<models_root>/.checkpoints/``, converted (model.convert), and deleted.
+  (resumable) to ``<models_root>/.checkpoints/``, converted (model.weights.convert), and deleted.
 
 A source can also be a local folder: for the hub layout, ``<folder>/<repo>/`` (or
 ``<folder>/<repo name>/``) holding the checkpoint's files, e.g. git clones of the hub repositories;
@@ -33,9 +33,9 @@ from typing import Literal
 
 import torch
 
-from model import convert, download, manifest
 from model.errors import WeightsNotFoundError
-from model.weights import STAGES, WeightPaths
+from model.weights import convert, download, manifest
+from model.weights.files import STAGES, WeightPaths
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every read-modify-write is one Lua script, so it is atomic however many API processes and
 workers share the Redis: create_job with its Idempotency-Key, transition (the compare-and-set of
-worker.job.can_move, whose table is written into the script once, at import), request_cancel,
+core.job.can_move, whose table is written into the script once, at import), request_cancel,
 update, lease renewal and release, key revocation.
 
 Keys, under a prefix (default "dalle-farm"):
@@ -41,8 +41,8 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from worker.job import JobRecord, JobStatus, can_move, utc_now
-from worker.store import (
+from core.job import JobRecord, JobStatus, can_move, utc_now
+from core.store import (
     DURATION_BUCKETS_S,
     HEARTBEAT_RETENTION_S,
     IDEMPOTENCY_CONFLICT,
@@ -193,7 +193,7 @@ _WORKERS_ALIVE = _NOW + "return redis.call('ZCOUNT', KEYS[1], now - tonumber(ARG
 
 
 class RedisJobStore:
-    """The JobStore (worker/store.py) on Redis.
+    """The JobStore (core/store.py) on Redis.
 
     `url_or_client`: a redis:// URL (the store opens and closes its own connections) or a
     redis.Redis the caller owns. `worker_alive_s`: how recent a heartbeat must be for metrics()
@@ -384,7 +384,7 @@ class RedisJobStore:
         return records, _text(job_ids[limit - 1]) if len(job_ids) > limit else None
 
     def transition(self, job_id: str, to: JobStatus, **fields: Any) -> JobRecord | None:
-        """Move the job to `to` and set `fields` if worker.job.can_move allows; else None."""
+        """Move the job to `to` and set `fields` if core.job.can_move allows; else None."""
         changes = check_job_fields(fields)
         target = JobStatus(to)
         with self._errors():

@@ -20,7 +20,7 @@ from model.bart import DalleBartDecoder, DalleBartEncoder
 from model.config import ModelConfig
 from model.tokenizer import WORD_START
 from model.vqgan import VQGanDetokenizer
-from model.weights import WeightPaths, is_scale_free_norm_weight
+from model.weights.files import WeightPaths, is_scale_free_norm_weight
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in BART; the pad id is 1
 # Digits are left out of the alphabet on purpose, so tests can exercise <unk>.
@@ -145,8 +145,8 @@ SMALL_CONFIG = ModelConfig(
 
 
 def main() -> None:
-    """`python -m model.random_weights ROOT [--size small|mini]`: write random weights to try the
-    pipeline without real ones. Their images are noise."""
+    """`python -m model.weights.random_weights ROOT [--size small|mini]`: write random weights
+    to try the pipeline without real ones. Their images are noise."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -165,7 +165,7 @@ def main() -> None:
     paths = write_random_weights(args.models_root, config, is_mega=False, seed=args.seed)
     print(f"wrote random {args.size} weights (images will be noise) to {paths.models_root}")  # noqa: T201
     if args.flax is not None:
-        from model.random_flax import write_flax_checkpoints
+        from model.weights.random_flax import write_flax_checkpoints
 
         folders = write_flax_checkpoints(paths, config, args.flax)
         print(f"wrote them as Flax checkpoints to {folders[0]} and {folders[1]}")  # noqa: T201

@@ -27,8 +27,8 @@ from typing import Literal
 
 import torch
 
-from model.flax import FlaxKey
-from model.weights import Stage
+from model.weights.files import Stage
+from model.weights.flax import FlaxKey
 
 CheckpointKind = Literal["bart", "vqgan"]
 

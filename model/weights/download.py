@@ -2,7 +2,7 @@
 
 min-dalle fetches its files from ``DEFAULT_WEIGHTS_URL``, a Hugging Face repository that no
 longer exists (min-dalle issue #103). By default dalle-farm fetches the original Flax checkpoints
-instead and converts them (model.fetch, with `download_file` doing the transfers); when
+instead and converts them (model.weights.fetch, with `download_file` doing the transfers); when
 ``DALLE_FARM_WEIGHTS_URL`` is set, it points to a mirror of min-dalle's files, which land in
 the layout under ``models_root``::
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.job import MODELS
+from core.job import MODELS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 

@@ -1,5 +1,5 @@
 """The JobStore of the embedded `dalle-farm serve`, in one SQLite file with its queue
-(worker/queue_sqlite.py).
+(core/queue_sqlite.py).
 
 The API (several threads) and the embedded worker (another process) share the file. Each thread
 has its own connection, WAL mode lets readers go on while one connection writes, and every
@@ -34,8 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from worker.job import JobRecord, JobStatus, can_move, utc_now
-from worker.store import (
+from core.job import JobRecord, JobStatus, can_move, utc_now
+from core.store import (
     DURATION_BUCKETS_S,
     HEARTBEAT_RETENTION_S,
     IDEMPOTENCY_CONFLICT,
@@ -217,7 +217,7 @@ class SqliteDatabase:
 
 
 class SqliteJobStore:
-    """The JobStore (worker/store.py) over one SQLite file, created with its folder if missing.
+    """The JobStore (core/store.py) over one SQLite file, created with its folder if missing.
 
     `worker_alive_s`: how recent a heartbeat must be for metrics() to count the worker alive.
     """
@@ -336,7 +336,7 @@ class SqliteJobStore:
         return records, records[-1].id if len(rows) > limit else None
 
     def transition(self, job_id: str, to: JobStatus, **fields: Any) -> JobRecord | None:
-        """Move the job to `to` and set `fields` if worker.job.can_move allows; else None."""
+        """Move the job to `to` and set `fields` if core.job.can_move allows; else None."""
         changes = check_job_fields(fields)
         target = JobStatus(to)
         with self._db.transaction() as connection:

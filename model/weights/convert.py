@@ -7,12 +7,12 @@ Output: ``encoder.safetensors``, ``decoder.safetensors`` (float16 by default, li
 published files), the tokenizer files and ``config.json`` in ``dalle_bart_{mini,mega}/``;
 ``detoker.safetensors`` (float32) in ``vqgan/``; a manifest in each folder.
 
-How checkpoint keys map to our state-dict keys is in model.flax_names.
+How checkpoint keys map to our state-dict keys is in model.weights.flax_names.
 
 Every tensor the model needs must be in the checkpoint (except the weights of scale-free layer
-norms, see model.weights), with its exact shape, and every tensor of the checkpoint's model
+norms, see model.weights.files), with its exact shape, and every tensor of the checkpoint's model
 subtrees must have a place; otherwise the conversion stops with an error naming the key.
-Sizes come from the checkpoint's config.json. See model.flax for how memory stays bounded.
+Sizes come from the checkpoint's config.json. See model.weights.flax for how memory stays bounded.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from model import manifest
 from model.bart import DalleBartDecoder, DalleBartEncoder
 from model.config import IMAGE_TOKEN_COUNT, ModelConfig
 from model.errors import WeightsFormatError
-from model.flax import FlaxArray, FlaxCheckpoint, FlaxKey, flax_key_name
-from model.flax_names import (
+from model.vqgan import VQGanDetokenizer
+from model.weights import manifest
+from model.weights.files import Stage, WeightPaths, is_scale_free_norm_weight, read_state_dict
+from model.weights.flax import FlaxArray, FlaxCheckpoint, FlaxKey, flax_key_name
+from model.weights.flax_names import (
     CheckpointKind,
     Place,
     Unplaced,
@@ -45,10 +47,7 @@ from model.flax_names import (
     transform,
     vqgan_places,
 )
-from model.manifest import FileRecord
-from model.tensor_files import TensorSpec, write_safetensors
-from model.vqgan import VQGanDetokenizer
-from model.weights import Stage, WeightPaths, is_scale_free_norm_weight, read_state_dict
+from model.weights.tensor_files import FileRecord, TensorSpec, write_safetensors
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The state the API and the workers share: job records, API keys, leases and farm counters.
 
 One contract, two backends:
-    RedisJobStore    the distributed farm (DALLE_FARM_REDIS_URL)        worker/store_redis.py
+    RedisJobStore    the distributed farm (DALLE_FARM_REDIS_URL)        core/store_redis.py
     SqliteJobStore   the embedded `dalle-farm serve` (a file in DALLE_FARM_DATA_DIR)
-                                                                          worker/store_sqlite.py
+                                                                          core/store_sqlite.py
 
 Errors:
     StoreError
@@ -11,7 +11,7 @@ Errors:
     ├── JobNotFound            no job with that id
     └── IdempotencyConflict    an Idempotency-Key was reused with a different body
 
-Every state change goes through `transition`, which applies worker.job.can_move atomically
+Every state change goes through `transition`, which applies core.job.can_move atomically
 (compare-and-set), so a job's state only moves forward even with duplicate deliveries.
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.job import JobRecord, JobStatus
+from core.job import JobRecord, JobStatus
 
 # Upper bounds (seconds) of the job-duration histogram on /metrics.
 DURATION_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -112,7 +112,7 @@ class JobStore(Protocol):
 
     def transition(self, job_id: str, to: JobStatus, **fields: Any) -> JobRecord | None:
         """Move the job to `to` and set `fields` (JobRecord attributes) atomically, if
-        worker.job.can_move(current, to); otherwise change nothing and return None.
+        core.job.can_move(current, to); otherwise change nothing and return None.
         Raises JobNotFound for an unknown id."""
         ...
 
