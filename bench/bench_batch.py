@@ -36,7 +36,8 @@ from torch import Tensor
 
 from bench.bench_cpu import mini_weights
 from model import MinDalle
-from model.batch import DEFAULT_BLOCK_ROWS, BatchDecoder
+from model.batch import BatchDecoder
+from model.batch_forward import DEFAULT_BLOCK_ROWS
 from model.generate import SamplingSettings
 from model.vqgan import PIXELS_PER_SIDE
 
@@ -97,10 +98,10 @@ def run_sequential(decoder: BatchDecoder, model: MinDalle, jobs: list[Job], grid
     for job in jobs:
         decode_start = time.perf_counter()
         decoder.add(job.id, job.text, job.seed, grid_size, SamplingSettings())
-        done: list[tuple[str, Tensor]] = []
+        done: dict[str, Tensor] = {}
         while not done:
-            done = decoder.step()
-        job_id, job_tokens = done[0]
+            done = decoder.step().finished
+        ((job_id, job_tokens),) = done.items()
         detokenize_start = time.perf_counter()
         grid = model.detokenize(job_tokens, is_seamless=False)
         detokenize_s += time.perf_counter() - detokenize_start
@@ -119,7 +120,7 @@ def run_concurrent(decoder: BatchDecoder, model: MinDalle, jobs: list[Job], grid
     for job in jobs:
         decoder.add(job.id, job.text, job.seed, grid_size, SamplingSettings())
     while decoder.active:
-        for job_id, job_tokens in decoder.step():
+        for job_id, job_tokens in decoder.step().finished.items():
             detokenize_start = time.perf_counter()
             grid = model.detokenize(job_tokens, is_seamless=False)
             detokenize_s += time.perf_counter() - detokenize_start

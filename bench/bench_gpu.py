@@ -37,7 +37,8 @@ from torch import Tensor
 
 from bench.bench_batch import Job, make_jobs
 from model import MinDalle, ModelConfig
-from model.batch import CUDA_BLOCK_ROWS, BatchDecoder
+from model.batch import BatchDecoder
+from model.batch_forward import CUDA_BLOCK_ROWS
 from model.config import IMAGE_TOKEN_COUNT, VQGAN_CODE_COUNT
 from model.generate import SamplingSettings
 from model.weights.random_weights import write_random_weights
@@ -130,7 +131,7 @@ def run_jobs(
         for job in [job for job in pending if joins.get(job.id, 0) <= step]:
             decoder.add(job.id, job.text, job.seed, GRID, SamplingSettings())
             pending.remove(job)
-        for job_id, job_tokens in decoder.step():
+        for job_id, job_tokens in decoder.step().finished.items():
             model.detokenize(job_tokens)
             tokens[job_id] = job_tokens.clone()
         step += 1
@@ -330,7 +331,7 @@ def main() -> None:
         run_jobs(decoder, model, jobs, {})  # warm-up (and graph capture)
         for use_graphs in (True, False) if args.eager else (True,):
             name = f"block {block_rows}, {'graphs' if use_graphs else 'eager'}"
-            decoder.use_cuda_graphs = use_graphs
+            decoder.paged.use_cuda_graphs = use_graphs
             start = synchronized()
             tokens = run_jobs(decoder, model, jobs, {})
             seconds = synchronized() - start

@@ -27,7 +27,10 @@ def main() -> None:
     def render(i: int) -> None:
         job_start = time.perf_counter()
         params = JobParams(
-            text=f"a fox number {i}", seed=10 + i, grid_size=1 + i % 4, model=settings.model
+            text=f"a fox number {i}",
+            seed=10 + i,
+            grid_size=1 + i % 4,
+            model="mega" if settings.model == "mega" else "mini",
         )
         rendered = engine.render(params, job_id=f"job{i}")
         seconds = time.perf_counter() - job_start

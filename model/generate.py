@@ -24,6 +24,19 @@ FRAME_INTERVAL = 32
 
 StepCallback = Callable[[int, int], None]
 
+# The smallest temperature sampling can divide by: float32's smallest normal number, 2**-126
+# (1.1754943508222875e-38). Below it the temperature is a subnormal float32, which a device that
+# flushes subnormals to zero (or computes x / t as x · (1 / t), where 1 / t overflows) turns
+# into 0 / 0 = NaN for the top logit; below about 1.4e-45 it rounds to 0 on every device. Any
+# temperature from here down to 0 samples the same as this one: greedily (ties drawn at random).
+MIN_TEMPERATURE = 2.0**-126
+# The supercondition factors the farm's sampler accepts (BatchDecoder). Its logits are clamped
+# to ±LOGIT_LIMIT so that mixing them with any factor in this range stays finite in float32.
+SUPERCONDITION_FACTOR_RANGE = (0.0, 128.0)
+# |uncond · (1 − f)| + |cond · f| <= LOGIT_LIMIT · 255 < float32's largest number, for f in the
+# range above. Real logits are a few tens; only an overflow in the model reaches the limit.
+LOGIT_LIMIT = float(torch.finfo(torch.float32).max) / 256
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -32,8 +45,11 @@ class SamplingSettings:
     supercondition_factor: float = 16.0
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0 and self.temperature != float("inf")):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (MIN_TEMPERATURE <= self.temperature < float("inf")):
+            raise ValueError(
+                f"temperature must be a finite number of at least {MIN_TEMPERATURE!r} "
+                f"(2**-126; lower ones sample the same, greedily), got {self.temperature}"
+            )
         if not 1 <= self.top_k <= VQGAN_CODE_COUNT:
             raise ValueError(f"top_k must be between 1 and {VQGAN_CODE_COUNT}, got {self.top_k}")
         if self.supercondition_factor != self.supercondition_factor or abs(
@@ -56,6 +72,34 @@ def logits_to_probs(logits: Tensor, temperature: Tensor, top_k: int) -> Tensor:
     is_kept = logits >= top[:, -1:]
     probs = torch.exp((logits - top[:, :1]) / temperature)
     return probs * is_kept.to(probs.dtype)
+
+
+def check_guided_settings(settings: SamplingSettings) -> None:
+    """Raise ValueError unless `guided_probs` can compute these settings (the farm's range)."""
+    low, high = SUPERCONDITION_FACTOR_RANGE
+    if not low <= settings.supercondition_factor <= high:
+        raise ValueError(
+            f"supercondition_factor must be between {low:g} and {high:g}, "
+            f"got {settings.supercondition_factor}"
+        )
+
+
+def guided_probs(
+    logits: Tensor, factor: Tensor, temperature: Tensor, top_k: int
+) -> tuple[Tensor, Tensor]:
+    """The farm's sampling distribution: (2N, V) logits → ((N, V) probs, (N,) is_nan).
+
+    The same arithmetic as supercondition → logits_to_probs, in float32, made total for the
+    settings `check_guided_settings` and SamplingSettings accept: ±inf logits (an overflow in
+    the model) are clamped to ±LOGIT_LIMIT, which is their meaning (always, or never drawn), and
+    the result never holds inf. A row whose logits hold NaN cannot be sampled: `is_nan` marks
+    it, and its probabilities are made uniform so that the draw still runs (a NaN reaching
+    torch.multinomial is a device-side assert on CUDA, fatal to every job on the device).
+    """
+    bounded = logits.float().clamp(-LOGIT_LIMIT, LOGIT_LIMIT)  # NaN stays NaN
+    probs = logits_to_probs(supercondition(bounded, factor), temperature, top_k)
+    is_nan = probs.isnan().any(dim=-1)
+    return probs.nan_to_num_(nan=1.0), is_nan
 
 
 def sample(probs: Tensor, generator: torch.Generator) -> Tensor:

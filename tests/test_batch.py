@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.batch import BatchDecoder, BatchFull
+from model.batch import NAN_CHECK_EVERY, BatchDecoder, BatchFull, JobFailed
 from model.config import IMAGE_TOKEN_COUNT
-from model.generate import SamplingSettings
+from model.generate import MIN_TEMPERATURE, SamplingSettings
 from model.min_dalle import MinDalle
 
 
@@ -65,20 +68,32 @@ def run(
     engine: BatchDecoder,
     schedule: dict[int, list[Spec]],
     cancel: dict[int, list[str]] | None = None,
+    failed: dict[str, JobFailed] | None = None,
+    before: dict[int, Callable[[], None]] | None = None,
 ) -> dict[str, Tensor]:
-    """Step the engine until it is empty, adding (and canceling) jobs before the given steps."""
+    """Step the engine until it is empty, adding (and canceling) jobs before the given steps.
+
+    Jobs that fail go into `failed` (none may fail without it); `before[step]()` runs before
+    that step, after its jobs joined."""
     results: dict[str, Tensor] = {}
+    failures: dict[str, JobFailed] = {} if failed is None else failed
     step = 0
     while engine.active or any(at >= step for at in schedule):
         for spec in schedule.get(step, []):
             engine.add(spec.job_id, spec.text, spec.seed, spec.grid_size, spec.settings)
         for job_id in (cancel or {}).get(step, []):
             engine.cancel(job_id)
-        for job_id, tokens in engine.step():
+        if before and step in before:
+            before[step]()
+        result = engine.step()
+        assert not result.finished.keys() & result.failed.keys()
+        for job_id, tokens in result.finished.items():
             assert job_id not in results
             results[job_id] = tokens
+        failures.update(result.failed)
         step += 1
     assert engine.active == []
+    assert failed is not None or not failures, failures
     return results
 
 
@@ -112,7 +127,7 @@ def test_blocked_linear_is_invariant_to_rows_and_slot(
     try:
         with torch.inference_mode():
             blocked = [
-                engine._linear(with_row(total, slot), weight)[slot]
+                engine.paged.linear(with_row(total, slot), weight)[slot]
                 for total, slot in [(16, 0), (16, 15), (32, 7), (48, 40), (64, 17)]
             ]
             plain = [F.linear(with_row(m, 0), weight)[0] for m in (1, 2, 8, 48)]
@@ -146,7 +161,7 @@ def test_page_attention_equals_per_job_attention(model: MinDalle) -> None:
     furthest row, keys and values written by index) gives the CPU path's tokens, with jobs of
     two grid sizes joining at different steps and one canceled."""
     engine = BatchDecoder(model)
-    engine.page_attention = True
+    engine.paged.page_attention = True
     schedule = {0: SPECS[:4], 40: SPECS[4:8], 100: SPECS[8:]}
     batched = run(engine, schedule, cancel={60: [SPECS[5].job_id]})
     assert set(batched) == {spec.job_id for spec in SPECS} - {SPECS[5].job_id}
@@ -188,7 +203,7 @@ def test_resume_from_checkpoint(model: MinDalle, checkpoint_at: int) -> None:
     engine.add(spec.job_id, spec.text, spec.seed, spec.grid_size, spec.settings)
     engine.add(other.job_id, other.text, other.seed, other.grid_size, other.settings)
     for _ in range(checkpoint_at):
-        assert engine.step() == []
+        assert engine.step().finished == {}
     assert engine.progress(spec.job_id) == checkpoint_at
     checkpoint = engine.tokens(spec.job_id)
     assert checkpoint.shape == (spec.grid_size**2, checkpoint_at)
@@ -252,12 +267,12 @@ def test_jobs_leave_when_done(model: MinDalle) -> None:
     spec = SPECS[0]
     engine.add(spec.job_id, spec.text, spec.seed, spec.grid_size, spec.settings)
     for step in range(1, IMAGE_TOKEN_COUNT):
-        assert engine.step() == []
+        assert engine.step().finished == {}
         assert engine.progress(spec.job_id) == step
-    (done,) = engine.step()
-    assert done[0] == spec.job_id
+    result = engine.step()
+    assert list(result.finished) == [spec.job_id] and result.failed == {}
     assert engine.active == []
-    assert engine.step() == []
+    assert engine.step().finished == {}
 
 
 def test_each_text_row_is_encoded_once(model: MinDalle) -> None:
@@ -300,3 +315,140 @@ def test_greedy_against_min_dalle_stream(model: MinDalle) -> None:
     (stream,) = model.generate_image_tokens_stream(spec.text, spec.seed, 1, top_k=1)
     same = int((stream == alone(model, spec)).sum())
     print(f"greedy: {same}/{IMAGE_TOKEN_COUNT} tokens equal MinDalle's stream")
+
+
+# -- one job's failure is its own -----------------------------------------------------------
+
+
+def forged(settings: SamplingSettings, **values: float) -> SamplingSettings:
+    """Settings with values SamplingSettings would refuse (as a caller's own object may hold)."""
+    for name, value in values.items():
+        object.__setattr__(settings, name, value)
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("temperature", 5e-324),
+        ("temperature", 1e-45),
+        ("temperature", MIN_TEMPERATURE / 2),
+        ("temperature", 0.0),
+        ("temperature", math.inf),
+        ("temperature", math.nan),
+        ("supercondition_factor", 128.5),
+        ("supercondition_factor", -1.0),
+        ("supercondition_factor", math.nan),
+        ("top_k", 0),
+        ("top_k", 16385),
+    ],
+)
+def test_settings_the_sampler_cannot_compute_are_refused_at_add(
+    model: MinDalle, setting: str, value: float
+) -> None:
+    engine = BatchDecoder(model)
+    engine.add("good", TEXTS[0], 1, 1, SamplingSettings())
+    settings = forged(SamplingSettings(), **{setting: value})
+    with pytest.raises(ValueError, match=rf"{setting} must be") as refused:
+        engine.add("bad", TEXTS[1], 2, 1, settings)
+    assert "got" in str(refused.value)
+    assert engine.active == ["good"] and engine.rows == 2
+    if setting != "supercondition_factor":  # MinDalle takes any finite factor, as min-dalle
+        kwargs: dict[str, Any] = {setting: value}
+        with pytest.raises(ValueError, match=setting):
+            SamplingSettings(**kwargs)
+
+
+def test_settings_at_the_edges_of_their_ranges_decode_beside_other_jobs(model: MinDalle) -> None:
+    """The ranges' ends, and prompts that are nothing but <s></s> or overflow the 64 tokens,
+    decode next to ordinary jobs, each with its own tokens alone."""
+    edges = [
+        Spec("coldest", TEXTS[0], 1, 1, SamplingSettings(MIN_TEMPERATURE, 16384, 128.0)),
+        Spec("hottest", TEXTS[1], 2, 2, SamplingSettings(100.0, 16384, 0.0)),
+        Spec("greedy", TEXTS[2], 2**31 - 1, 1, SamplingSettings(MIN_TEMPERATURE, 1, 0.0)),
+        Spec("loudest", TEXTS[3], 4, 1, SamplingSettings(100.0, 1, 128.0)),
+        Spec("empty", "", 5, 1, SamplingSettings()),
+        Spec("no tokens", "日本語 ✓", 6, 1, SamplingSettings(0.5, 2, 1.0)),
+        Spec("long", "fox " * 250, 7, 1, SamplingSettings()),
+    ]
+    batched = run(BatchDecoder(model), {0: [*edges, *SPECS[:3]]})
+    for spec in [*edges, *SPECS[:3]]:
+        assert torch.equal(batched[spec.job_id], alone(model, spec)), spec.job_id
+    # The coldest and the greedy job sample the single best code: the same draw as top_k=1.
+    coldest = Spec("coldest", TEXTS[0], 1, 1, SamplingSettings(1.0, 1, 128.0))
+    assert torch.equal(batched["coldest"], alone(model, coldest))
+
+
+def poison(engine: BatchDecoder, job_id: str) -> None:
+    """Make a job's conditioned text row NaN, as a model whose numbers overflow for its prompt
+    would: every one of its logits becomes NaN at the next step."""
+    job = engine._jobs[job_id]
+    with torch.inference_mode():  # the decoder's tensors are inference tensors
+        for keys in job.page.text_keys:
+            keys[2 * job.slot + 1] = math.nan
+
+
+@pytest.mark.parametrize("page_attention", [False, True])
+@pytest.mark.parametrize("poisoned_at", [5, IMAGE_TOKEN_COUNT - 1])
+def test_a_job_with_nan_logits_fails_alone_and_the_others_keep_their_tokens(
+    model: MinDalle, page_attention: bool, poisoned_at: int
+) -> None:
+    """The failed job leaves at the next NaN check (or instead of finishing), and a job that
+    takes its slot afterwards decodes as it would alone (no NaN left in the slot's caches)."""
+    engine = BatchDecoder(model)
+    engine.paged.page_attention = page_attention
+    bad = Spec("bad", TEXTS[4], 50, 2, SamplingSettings(1.0, 64, 16.0))
+    others = [SPECS[0], SPECS[1], SPECS[2]]  # 1×1 and 2×2 grids, other settings
+    late = SPECS[3]  # 2×2: it takes the slot the bad job left
+    failed: dict[str, JobFailed] = {}
+    joins_at = poisoned_at + NAN_CHECK_EVERY
+    slots: dict[str, tuple[int, int]] = {}
+
+    def remember_slot(job_id: str) -> Callable[[], None]:
+        def remember() -> None:
+            job = engine._jobs[job_id]
+            slots[job_id] = (job.page.id, job.slot)
+
+        return remember
+
+    results = run(
+        engine,
+        {0: [bad, *others], joins_at: [late]},
+        failed=failed,
+        before={
+            0: remember_slot("bad"),
+            poisoned_at: lambda: poison(engine, "bad"),
+            joins_at: remember_slot(late.job_id),
+        },
+    )
+    assert set(failed) == {"bad"} and "bad" not in results
+    assert "could not be decoded" in str(failed["bad"]) and "NaN" in str(failed["bad"])
+    assert slots[late.job_id] == slots["bad"]
+    for spec in [*others, late]:
+        assert torch.equal(results[spec.job_id], alone(model, spec)), spec.job_id
+
+
+def test_a_job_whose_sampling_raises_fails_alone(model: MinDalle) -> None:
+    def break_sampling(engine: BatchDecoder) -> Callable[[], None]:
+        def forge() -> None:  # torch.topk refuses k > 16384
+            forged(engine._jobs["bad"].settings, top_k=20000)
+
+        return forge
+
+    engine = BatchDecoder(model)
+    failed: dict[str, JobFailed] = {}
+    bad = Spec("bad", TEXTS[5], 9, 1, SamplingSettings())
+    results = run(
+        engine, {0: [SPECS[0], bad, SPECS[1]]}, failed=failed, before={7: break_sampling(engine)}
+    )
+    assert set(failed) == {"bad"}
+    assert "sampling failed at token 7" in str(failed["bad"])
+    assert isinstance(failed["bad"].__cause__, RuntimeError)
+    for spec in SPECS[:2]:
+        assert torch.equal(results[spec.job_id], alone(model, spec)), spec.job_id
+
+    # Alone, failing at a step that checks the NaN flags: the step ends with no job left.
+    lone = BatchDecoder(model)
+    failed.clear()
+    run(lone, {0: [bad]}, failed=failed, before={NAN_CHECK_EVERY - 1: break_sampling(lone)})
+    assert set(failed) == {"bad"} and lone.active == []

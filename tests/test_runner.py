@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -37,7 +38,8 @@ from core.job import (
 from core.settings import Settings
 from core.storage import LocalStorage, StorageUnavailable
 from core.store_sqlite import SqliteJobStore
-from model.batch import BatchDecoder
+from model.bart import TextContext
+from model.batch import BatchDecoder, JobFailed
 from model.errors import WeightsFormatError
 from model.generate import SamplingSettings
 from model.weights.files import WeightPaths
@@ -71,13 +73,17 @@ def storage(tmp_path: Path) -> LocalStorage:
     return files
 
 
-def submit(store: SqliteJobStore, **params: Any) -> JobRecord:
+def submit(
+    store: SqliteJobStore, owner: str = "owner-1", unchecked: bool = False, **params: Any
+) -> JobRecord:
+    """A queued job; `unchecked` params skip the contract's checks (an older contract's job)."""
     params.setdefault("seed", 7)
+    params.setdefault("text", "a red apple")
     record = JobRecord(
         id=new_job_id(),
-        owner="owner-1",
+        owner=owner,
         status=JobStatus.QUEUED,
-        params=JobParams(text="a red apple", **params).to_dict(),
+        params=(JobParams.model_construct if unchecked else JobParams)(**params).to_dict(),
         created_at=utc_now(),
     )
     created, _ = store.create_job(record)
@@ -142,10 +148,10 @@ def batch_images(engine: Engine, params: JobParams) -> torch.Tensor:
     decoder = BatchDecoder(engine.model)
     settings = SamplingSettings(params.temperature, params.top_k, params.supercondition_factor)
     decoder.add("alone", params.text, params.seed, params.grid_size, settings)
-    done: list[tuple[str, torch.Tensor]] = []
+    done: dict[str, torch.Tensor] = {}
     while not done:
-        done = decoder.step()
-    grid = engine.model.detokenize(done[0][1], params.is_seamless)
+        done = decoder.step().finished
+    grid = engine.model.detokenize(done["alone"], params.is_seamless)
     # Undo the grid layout, as MinDalle.generate_images does.
     side, count = 256, params.grid_size
     images = grid.view(count, side, count, side, 3).permute(2, 0, 1, 3, 4)
@@ -498,3 +504,98 @@ def test_the_worker_names_its_weights_and_refuses_files_that_no_longer_match_the
     paths.decoder.write_bytes(bytes(data))
     with pytest.raises(WeightsFormatError, match=r"decoder\.pt does not match"):
         Engine.load(dataclasses.replace(settings, models_root=damaged))
+
+
+POISONED = "a prompt whose numbers overflow"
+
+
+def poison_prompt(engine: Engine, text: str) -> None:
+    """Make the engine's encoding of `text` NaN (its conditioned row), as a model whose numbers
+    overflow for that prompt would. Call it while no job is in flight."""
+    decoder = engine.batch.decoder
+    _, conditioned = decoder.model._text_tokens(text)
+    context = decoder._row_context(conditioned)
+    with torch.inference_mode():
+        nan = [torch.full_like(keys, math.nan) for keys in context.keys]
+        decoder._text_rows[tuple(conditioned.tolist())] = TextContext(
+            nan, context.values, context.attention_mask
+        )
+
+
+def test_render_isolates_a_job_that_fails_from_the_jobs_beside_it(engine: Engine) -> None:
+    """Engine.render from many threads: a prompt whose logits become NaN, a checkpoint callback
+    that raises and settings the model refuses each fail their own render; the other renders
+    give the images they give alone."""
+    poison_prompt(engine, POISONED)
+
+    class Unstored(Exception):
+        pass
+
+    def unstored(step: int, tokens: list[list[int]]) -> None:
+        raise Unstored(f"checkpoint {step} could not be stored")
+
+    good = [
+        JobParams(text="a red apple", seed=3, grid_size=2, top_k=8),
+        JobParams(text="a green pear", seed=4, temperature=0.5, supercondition_factor=4),
+    ]
+    with ThreadPoolExecutor(5) as pool:
+        nan = pool.submit(engine.render, JobParams(text=POISONED, seed=1), job_id="nan")
+        callback = pool.submit(
+            engine.render, JobParams(text="a fox", seed=2, grid_size=2), on_checkpoint=unstored
+        )
+        # Below what the contract accepts: as a job recorded under an older contract may be.
+        too_cold = JobParams.model_construct(text="a fox", seed=2, temperature=1e-45)
+        cold = pool.submit(engine.render, too_cold)
+        renders = [pool.submit(engine.render, params) for params in good]
+        with pytest.raises(JobFailed, match=r"job 'nan' could not be decoded: .*NaN"):
+            nan.result()
+        with pytest.raises(Unstored, match="checkpoint 32"):
+            callback.result()
+        with pytest.raises(ValueError, match=r"temperature must be .* at least 1\.17"):
+            cold.result()
+        rendered = [future.result() for future in renders]
+    for params, result in zip(good, rendered, strict=True):
+        images = batch_images(engine, params)
+        for i, tile in enumerate(result.tile_pngs):
+            expected = images[model_image_for_tile(i, params.grid_size)]
+            assert torch.equal(pixels(tile), pixels(png_bytes(expected))), params
+    assert engine.batch.decoder.active == []
+
+
+def test_a_failing_job_of_one_key_fails_alone_and_the_others_succeed(
+    store: SqliteJobStore, storage: LocalStorage, engine: Engine, settings: Settings
+) -> None:
+    poison_prompt(engine, POISONED)
+    bad = [
+        submit(store, owner="mallory", text=POISONED, seed=5),
+        submit(store, owner="mallory", unchecked=True, seed=6, temperature=1e-45, top_k=16384),
+    ]
+    bodies: list[dict[str, Any]] = [
+        {"seed": 1, "grid_size": 2},
+        {"seed": 2, "temperature": 2.0, "supercondition_factor": 128},
+    ]
+    good = [submit(store, owner=f"owner-{i}", **body) for i, body in enumerate(bodies)]
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(
+            pool.map(lambda job: run(job, store, storage, engine, settings), [*bad, *good])
+        )
+    assert outcomes == [Outcome.DONE] * 4
+
+    poisoned, cold = (store.get_job(job.id) for job in bad)
+    assert poisoned is not None and poisoned.status is JobStatus.FAILED
+    assert poisoned.error is not None and "could not be decoded" in poisoned.error
+    assert "NaN" in poisoned.error and "Traceback" not in poisoned.error
+    assert cold is not None and cold.status is JobStatus.FAILED
+    assert cold.error is not None and "temperature" in cold.error
+    assert stored_files(storage, poisoned.id) == stored_files(storage, cold.id) == {}
+
+    for job, body in zip(good, bodies, strict=True):
+        done = store.get_job(job.id)
+        assert done is not None and done.status is JobStatus.SUCCEEDED, done
+        expected = batch_images(engine, JobParams(text="a red apple", **body))
+        grid_size = body.get("grid_size", 1)
+        for i in range(grid_size**2):
+            tile = pixels(storage.get(image_key(job.id, i)))
+            assert torch.equal(
+                tile, pixels(png_bytes(expected[model_image_for_tile(i, grid_size)]))
+            )

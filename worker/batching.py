@@ -15,7 +15,14 @@ not a decoder step (the VQGAN, PNG encoding, uploads, store writes) happens in t
 while the engine thread keeps decoding the others.
 
 A job is admitted while its rows fit under `max_rows`; otherwise it waits in arrival order. A job
-that could never fit (more rows than max_rows on its own) fails at once with a ValueError.
+that could never fit (more rows than max_rows on its own), or whose settings the sampler cannot
+compute, fails at once with a ValueError.
+
+A job's failure is its own: settings refused at admission, a failure in its sampling or NaN
+logits (model.batch.JobFailed, from the step's result), an error handing out its tokens, or an
+exception in its callbacks (raised in its own thread) drop that job only; the others keep
+decoding, with the tokens they would have had without it. Only a failure of a step's shared
+work fails every job in that step, each with the error; the engine thread then carries on.
 
 The tokens are batch-invariant (see model/batch.py): a job's images depend on its params, its
 seed and the weights only, not on the jobs it shared steps with or on a resume from a
@@ -35,7 +42,7 @@ from torch import Tensor
 
 from model.batch import BatchDecoder, BatchFull
 from model.config import IMAGE_TOKEN_COUNT
-from model.generate import SamplingSettings
+from model.generate import SamplingSettings, check_guided_settings
 from model.min_dalle import MinDalle
 
 log = logging.getLogger(__name__)
@@ -123,6 +130,7 @@ class BatchEngine:
         """
         if grid_size < 1:
             raise ValueError(f"grid_size must be a positive integer, got {grid_size}")
+        check_guided_settings(settings)  # refused here, in the job's thread, before it queues
         if 2 * grid_size**2 > self.max_rows:
             raise ValueError(
                 f"a {grid_size}×{grid_size} grid needs {2 * grid_size**2} decoder rows, more "
@@ -247,8 +255,8 @@ class BatchEngine:
 
     def _step(self) -> None:
         try:
-            finished = dict(self.decoder.step())
-        except Exception as error:  # e.g. out of memory: every job in the step fails
+            result = self.decoder.step()
+        except Exception as error:  # the shared work (e.g. out of memory): no job can go on
             log.exception("a decoder step failed; failing its %d jobs", len(self._running))
             for job_id, ticket in self._running.items():
                 self.decoder.cancel(job_id)
@@ -256,15 +264,27 @@ class BatchEngine:
             self._running.clear()
             return
         for job_id, ticket in list(self._running.items()):
-            if job_id in finished:
+            if job_id in result.failed:
                 del self._running[job_id]
-                ticket.publish(IMAGE_TOKEN_COUNT, tokens=finished[job_id])
-                continue
-            # While a resumed job replays its checkpoint, its progress stays at the checkpoint.
-            step = self.decoder.progress(job_id)
-            snapshot = None
-            is_new = step % CHECKPOINT_EVERY == 0 and step > ticket.snapshot_at
-            if ticket.wants_snapshots and is_new:
-                ticket.snapshot_at = step
-                snapshot = self.decoder.tokens(job_id)
-            ticket.publish(step, snapshot=snapshot)
+                ticket.publish(ticket.step, error=result.failed[job_id])
+            elif job_id in result.finished:
+                del self._running[job_id]
+                ticket.publish(IMAGE_TOKEN_COUNT, tokens=result.finished[job_id])
+            else:
+                try:
+                    self._report(ticket)
+                except Exception as error:  # this job's tokens could not be handed out
+                    log.exception("job %s: could not report its progress", job_id)
+                    self.decoder.cancel(job_id)
+                    del self._running[job_id]
+                    ticket.publish(ticket.step, error=error)
+
+    def _report(self, ticket: _Ticket) -> None:
+        # While a resumed job replays its checkpoint, its progress stays at the checkpoint.
+        step = self.decoder.progress(ticket.job_id)
+        snapshot = None
+        is_new = step % CHECKPOINT_EVERY == 0 and step > ticket.snapshot_at
+        if ticket.wants_snapshots and is_new:
+            ticket.snapshot_at = step
+            snapshot = self.decoder.tokens(ticket.job_id)
+        ticket.publish(step, snapshot=snapshot)

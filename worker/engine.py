@@ -158,7 +158,9 @@ class Engine:
         gets the tokens so far every 32 tokens, and `resume` (such tokens) continues from them:
         the images equal an uninterrupted run's.
 
-        Raises ValueError for parameters the model refuses.
+        Raises ValueError for parameters the model refuses, and model.batch.JobFailed (a
+        ValueError) when this job's decoding failed (NaN logits): either way the other jobs in
+        flight go on, with the images they would have had without it.
         """
         if params.model != self.model_name:
             raise ValueError(

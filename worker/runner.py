@@ -6,7 +6,8 @@ queue; everything that makes a job safe to deliver twice, to crash in and to can
 - an unknown or already finished job is done at once (a duplicate delivery touches nothing);
 - a job whose lease another live worker holds is DEFERRED: the caller delivers it again later;
 - each start counts an attempt; past settings.max_attempts the job fails ("crashed workers");
-- a heartbeat thread renews the lease while the job runs, so a dead worker's lease expires;
+- a heartbeat thread renews the lease (worker/lease.py) while the job runs, so a dead
+  worker's lease expires;
 - the decoder's on_step reports progress and stops at the next step once a cancel is asked;
 - every 32 decoder steps the tokens so far are saved in the job's record (its checkpoint); a
   job redelivered after its worker died resumes from there and ends with the identical images;
@@ -16,7 +17,9 @@ queue; everything that makes a job safe to deliver twice, to crash in and to can
   caller retries later; the job is never reported succeeded with objects missing.
 
 What errors do:
-    ValueError, ModelError      the job cannot be rendered: failed, with the message
+    ValueError, ModelError      the job cannot be rendered (settings the model refuses, or its
+                                own decoding failed: model.batch.JobFailed): failed, with the
+                                message; the other jobs of the batch are not affected
     any other Exception         while rendering (a bug, the GPU out of memory): failed, logged
     StorageUnavailable          the job is requeued, then re-raised: retry the delivery later
     StoreUnavailable            re-raised as is: the state cannot be recorded, retry later
@@ -27,7 +30,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,15 +55,15 @@ from core.settings import Settings
 from core.storage import Storage, StorageUnavailable
 from core.store import JobStore, StoreUnavailable
 from model.errors import ModelError
+from worker.lease import Heartbeat, lease_owner, lease_ttl_s, take_lease
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Outcome", "RenderEngine", "RenderedImages", "lease_owner", "lease_ttl_s", "run_job"]
 
 # Seconds between two progress writes while the decoder runs: a GPU decodes a step in a few
 # milliseconds, and a write each time would make the store the bottleneck.
 PROGRESS_INTERVAL_S = 0.1
-# Bounds of the lease's time to live, in seconds; see lease_ttl_s.
-MIN_LEASE_TTL_S = 15.0
-MAX_LEASE_TTL_S = 60.0
 
 
 class Outcome(enum.Enum):
@@ -96,26 +98,6 @@ class RenderEngine(Protocol):
     ) -> RenderedImages: ...
 
 
-def lease_ttl_s(settings: Settings) -> float:
-    """How long a job's lease outlives its worker's last heartbeat.
-
-    Tied to the broker's visibility timeout: a redelivered job should find the dead worker's
-    lease expired, or soon expiring, rather than wait long after Redis handed it back.
-    """
-    return max(MIN_LEASE_TTL_S, min(float(settings.visibility_timeout_s), MAX_LEASE_TTL_S))
-
-
-def lease_owner(worker_name: str, pid: int | None = None, thread: int | None = None) -> str:
-    """The lease holder's name: the worker, its process and thread, as `name#pid/thread`.
-
-    Two threads or processes of one worker must not run the same job at once (a message
-    delivered twice), and a dead process's lease can be recognised (and released early) by its
-    own worker; see _take_lease.
-    """
-    pid = os.getpid() if pid is None else pid
-    return f"{worker_name}#{pid}/{threading.get_ident() if thread is None else thread}"
-
-
 class _Canceled(Exception):
     """Raised from on_step to stop the decoder once a cancel was asked."""
 
@@ -129,47 +111,12 @@ class _HandBack(Exception):
 
 
 @dataclass
-class _Heartbeat:
-    """Renews the lease and the worker's heartbeat every ttl/4 seconds on a daemon thread."""
-
-    store: JobStore
-    job_id: str
-    worker_name: str
-    owner: str
-    ttl_s: float
-    lost: threading.Event = field(default_factory=threading.Event)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread = threading.Thread(target=self._run, name=f"lease-{self.job_id}", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
-            try:
-                if not self.store.renew_lease(self.job_id, self.owner, self.ttl_s):
-                    log.warning("job %s: another worker took over its lease", self.job_id)
-                    self.lost.set()
-                    return
-                self.store.worker_heartbeat(self.worker_name)
-            except Exception as error:  # a blip: the next beat tries again
-                log.warning("job %s: heartbeat failed: %s", self.job_id, error)
-
-
-@dataclass
 class _Progress:
     """on_step for the decoder: throttled progress writes, cancel and lease checks."""
 
     store: JobStore
     job_id: str
-    heartbeat: _Heartbeat
+    heartbeat: Heartbeat
     stop_requested: threading.Event | None = None
     _last_write: float = 0.0
 
@@ -225,7 +172,7 @@ def run_job(
     owner = lease_owner(worker_name)
     ttl_s = lease_ttl_s(settings)
     # The lease comes before the attempt count: a deferred delivery is not an attempt.
-    if not _take_lease(store, job_id, worker_name, owner, ttl_s):
+    if not take_lease(store, job_id, worker_name, owner, ttl_s):
         log.info("job %s is held by %s; deferring", job_id, store.lease_holder(job_id))
         return Outcome.DEFERRED
     try:
@@ -237,39 +184,6 @@ def run_job(
             store.release_lease(job_id, owner)
         except StoreUnavailable as error:  # it expires on its own
             log.warning("job %s: could not release its lease: %s", job_id, error)
-
-
-def _take_lease(store: JobStore, job_id: str, worker_name: str, owner: str, ttl_s: float) -> bool:
-    if store.renew_lease(job_id, owner, ttl_s):
-        return True
-    # A pool process of this same worker that was killed (kill -9, OOM) leaves its lease
-    # behind; its worker restarts the process and gets the job back at once (reject on worker
-    # lost). Waiting the lease out would add up to a minute for nothing.
-    holder = store.lease_holder(job_id)
-    if holder is None:
-        return store.renew_lease(job_id, owner, ttl_s)
-    name, _, process = holder.rpartition("#")
-    pid = process.partition("/")[0]
-    if name == worker_name and pid.isdigit() and not _process_alive(int(pid)):
-        log.info("job %s: its lease holder %s is dead; taking over", job_id, holder)
-        store.release_lease(job_id, holder)
-        return store.renew_lease(job_id, owner, ttl_s)
-    return False
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    # A zombie (killed, not yet reaped by the pool) still answers; /proc tells them apart.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _run_leased(
@@ -329,7 +243,7 @@ def _run_leased(
         f", resuming at token {resumed_from}" if resumed_from else "",
     )
 
-    with _Heartbeat(store, job_id, worker_name, owner, ttl_s) as heartbeat:
+    with Heartbeat(store, job_id, worker_name, owner, ttl_s) as heartbeat:
         job = _JobRun(job_id, store, storage, heartbeat)
         render_started = time.monotonic()
         try:
@@ -427,7 +341,7 @@ class _JobRun:
     job_id: str
     store: JobStore
     storage: Storage
-    heartbeat: _Heartbeat
+    heartbeat: Heartbeat
     result: dict[str, Any] = field(default_factory=lambda: {"grid": None, "images": []})
 
     def put(self, key: str, data: bytes, kind: str = "png") -> None:
