@@ -1,13 +1,15 @@
 """/metrics: the farm's state in Prometheus text, read from the store and queue at each scrape.
 
-Nothing is counted in the API process, so every gunicorn worker (and every API replica) answers
+Nothing is counted in the API process, so every API process (and every API replica) answers
 the same numbers. Labels never carry a job id or a key: only a job status.
 
     dalle_farm_jobs{status}                 gauge      jobs in each status
-    dalle_farm_queue_depth                  gauge      messages waiting for a worker
+    dalle_farm_queue_depth                  gauge      jobs waiting for a worker (a job canceled
+                                                       or failed while queued never counts)
     dalle_farm_job_duration_seconds         histogram  finished jobs' run time
     dalle_farm_images_generated_total       counter    images rendered
     dalle_farm_workers_alive                gauge      workers with a recent heartbeat
+    dalle_farm_model_served{model}          gauge      1 while a live worker serves the model
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from api.services import Services
-from core.job import JobStatus
+from core.job import MODELS, JobStatus
 from core.queue import JobQueue
 from core.store import DURATION_BUCKETS_S, JobStore
 
 
 class FarmCollector(Collector):
-    """Prometheus metric families from store.metrics() and queue.depth()."""
+    """Prometheus metric families from store.metrics(), store.served_models() and
+    queue.depth()."""
 
     def __init__(self, store: JobStore, queue: JobQueue) -> None:
         self.store = store
@@ -76,6 +79,14 @@ class FarmCollector(Collector):
             "Workers that sent a heartbeat recently.",
             value=snapshot.workers_alive,
         )
+
+        served = self.store.served_models()
+        models = GaugeMetricFamily(
+            "dalle_farm_model_served", "1 while a live worker serves the model.", labels=["model"]
+        )
+        for model in MODELS:  # the known models only: a worker's odd name is no label
+            models.add_metric([model], 1 if model in served else 0)
+        yield models
 
 
 def create_blueprint(services: Services) -> Blueprint:

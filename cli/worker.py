@@ -7,10 +7,12 @@
 Each child is `python -m celery -A worker.celery_app worker --pool threads` named
 `gpu{i}@{node}` (`cpu@{node}`): it loads the model once and keeps it, and its threads (one per
 job in flight, DALLE_FARM_MAX_JOBS) feed one batching engine, so its jobs decode together; the
-child is ready once the model is loaded. This process supervises them: SIGTERM or Ctrl-C asks
-each to finish its current job and exit (a second one stops them at once, and their jobs go
-back to the queue); a child that dies is started again; a child that exits before it is ready
-(a model that cannot be loaded, say) stops everything with status 1.
+child is ready once the model is loaded, and from then on announces in the store that it serves
+DALLE_FARM_MODEL (the API refuses jobs for a model that no live worker serves) until it stops.
+This process supervises them: SIGTERM or Ctrl-C asks each to finish its current job and exit
+(a second one stops them at once, and their jobs go back to the queue); a child that dies is
+started again; a child that exits before it is ready (a model that cannot be loaded, say)
+stops everything with status 1.
 """
 
 from __future__ import annotations

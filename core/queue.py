@@ -17,7 +17,8 @@ class JobQueue(Protocol):
         ...
 
     def depth(self) -> int:
-        """Messages waiting to be taken (for /metrics)."""
+        """Jobs waiting to be taken by a worker (for /metrics); a job canceled or failed while
+        queued never counts, even while its message is still in the queue."""
         ...
 
     def check(self) -> None:

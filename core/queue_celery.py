@@ -55,8 +55,8 @@ def create_celery_app(settings: Settings) -> Celery:
 
 class CeleryJobQueue:
     """core.queue.JobQueue over Celery: enqueue sends `dalle_farm.run_job(job_id)` to the
-    queue of the job's model (looked up in `store` unless given); depth is the Redis list
-    lengths of the model queues."""
+    queue of the job's model (looked up in `store` unless given); depth is the number of
+    queued jobs in `store` (without a store: the Redis list lengths of the model queues)."""
 
     def __init__(self, settings: Settings, store: JobStore | None = None) -> None:
         self.settings = settings
@@ -84,7 +84,14 @@ class CeleryJobQueue:
             raise StoreUnavailable(f"could not queue job {job_id}: {error}") from error
 
     def depth(self) -> int:
-        """Messages waiting in the model queues (not those a worker holds)."""
+        """Jobs waiting for a worker: the store's queued jobs.
+
+        Not the queues' lengths: a job canceled or failed while queued leaves its message in
+        its model's list until a worker takes and drops it (never, for a model that no worker
+        serves), and such a job waits for nothing. Without a store, the messages waiting in
+        the model queues (not those a worker holds)."""
+        if self.store is not None:
+            return self.store.count_queued()
         names = [
             self.settings.queue_name(model) + (f"{_PRIORITY_SEP}{step}" if step else "")
             for model in MODELS

@@ -1,13 +1,16 @@
 """The JobQueue of the embedded `dalle-farm serve`: a table in the store's SQLite file
-(core/store_sqlite.py explains the file, its connections and its locking)."""
+(core/store_sqlite_db.py explains the file, its connections and its locking)."""
 
 from __future__ import annotations
 
 import os
 import time
 
+from core.job import TERMINAL_STATUSES
 from core.store import check_ttl
-from core.store_sqlite import SqliteDatabase
+from core.store_sqlite_db import SqliteDatabase
+
+_TERMINAL = ", ".join(f"'{status.value}'" for status in sorted(TERMINAL_STATUSES))
 
 
 class SqliteJobQueue:
@@ -77,9 +80,13 @@ class SqliteJobQueue:
         return 0 if row is None else int(row[0])
 
     def depth(self) -> int:
-        """Job ids waiting to be leased, including those whose lease ran out."""
+        """Job ids waiting to be leased, including those whose lease ran out, but not those of
+        jobs already finished (canceled or failed while queued): a worker drops their rows
+        when it leases them, and until then they wait for nothing."""
         row = self._db.fetch_one(
-            "SELECT COUNT(*) FROM queue WHERE lease_expires_at <= ?", (time.time(),)
+            "SELECT COUNT(*) FROM queue WHERE lease_expires_at <= ? AND NOT EXISTS"
+            f" (SELECT 1 FROM jobs WHERE jobs.id = queue.job_id AND jobs.status IN ({_TERMINAL}))",
+            (time.time(),),
         )
         return 0 if row is None else int(row[0])
 

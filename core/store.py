@@ -13,6 +13,16 @@ Errors:
 
 Every state change goes through `transition`, which applies core.job.can_move atomically
 (compare-and-set), so a job's state only moves forward even with duplicate deliveries.
+
+Workers announce themselves with `worker_heartbeat(name, models=...)`: each announcement lives
+`ttl_s` (default WORKER_ALIVE_S) unless renewed, so a worker that dies drops out within that
+time, and one that stops cleanly leaves at once (`worker_gone`). `served_models()` is what the
+API checks before it accepts a job; core/unserved.py fails queued jobs whose model no live
+worker has served for DALLE_FARM_UNSERVED_JOB_TIMEOUT_S.
+
+Text is stored as ASCII JSON (non-ASCII escaped), so any Python string, a lone surrogate
+included, is written and read back unchanged; names that are stored as they are (API key
+names) must be valid Unicode, else ValueError says so.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import json
 import math
 import re
 import secrets
@@ -27,12 +38,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from core.job import JobRecord, JobStatus
+from core.job import MODELS, JobRecord, JobStatus
 
 # Upper bounds (seconds) of the job-duration histogram on /metrics.
 DURATION_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
-# A worker whose last heartbeat is older than this is not counted as alive.
+# The model of a job whose params name none (JobParams' default).
+DEFAULT_MODEL = MODELS[0]
+# How long a worker's heartbeat (and the models it announces) lives unless renewed. Workers
+# beat every 10 s, so a live one is never missed; a dead one drops out within this time.
 WORKER_ALIVE_S = 30.0
+# What a worker may call a model it announces: a plain name, never a comma (the Redis store
+# keeps a worker's models as one comma-separated string).
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class StoreError(Exception):
@@ -139,7 +156,43 @@ class JobStore(Protocol):
         """Count a finished job's duration in the histogram and its images."""
         ...
 
-    def worker_heartbeat(self, worker: str) -> None: ...
+    # -- workers: who is alive, and which models they serve -------------------------------
+    def worker_heartbeat(
+        self, worker: str, models: Iterable[str] | None = None, ttl_s: float | None = None
+    ) -> None:
+        """`worker` is alive for `ttl_s` more seconds (default: the store's worker_alive_s).
+
+        With `models`, it also announces that it serves those models (replacing what it
+        announced before); None keeps its announcement as it is. A worker announces only once
+        its model is loaded and it takes jobs.
+        """
+        ...
+
+    def worker_gone(self, worker: str) -> None:
+        """Remove the worker at once (a clean shutdown): it no longer counts as alive, and
+        no longer serves its models."""
+        ...
+
+    def served_models(self) -> frozenset[str]:
+        """The models that some live worker announced it serves."""
+        ...
+
+    def models_last_served(self) -> dict[str, float]:
+        """For each model ever announced: when a worker last announced it, or stopped
+        serving it (Unix seconds, by the store's clock)."""
+        ...
+
+    def fail_queued_jobs(
+        self, model: str, created_before_ms: int, error: str, limit: int = 100
+    ) -> list[str]:
+        """Atomically fail up to `limit` queued jobs for `model` created before
+        `created_before_ms` (ms since the Unix epoch), with `error` and finished_at now; the
+        ids of the jobs failed, oldest first. Running and finished jobs are never touched."""
+        ...
+
+    def count_queued(self) -> int:
+        """How many jobs are queued (waiting for a worker); finished ones never count."""
+        ...
 
     def metrics(self) -> MetricsSnapshot: ...
 
@@ -188,12 +241,62 @@ def key_id_from_secret(secret: object) -> str | None:
 def check_key_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"a key name must be a non-blank string, got {name!r}")
-    return name.strip()
+    return check_text("the key name", name.strip())
 
 
 def hash_idempotency_key(key: str) -> str:
-    """Idempotency-Keys are stored hashed: they are the client's, and may be long."""
-    return hashlib.sha256(key.encode("utf8")).hexdigest()
+    """Idempotency-Keys are stored hashed: they are the client's, and may be long (or hold any
+    code point, a lone surrogate included: it is hashed as it is)."""
+    return hashlib.sha256(key.encode("utf8", "surrogatepass")).hexdigest()
+
+
+def check_text(what: str, value: str) -> str:
+    """`value` if it can be stored as UTF-8 text, else a ValueError that names `what`."""
+    try:
+        value.encode("utf8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{what} is not valid Unicode text (character {error.start} is a lone surrogate, "
+            f"{value[error.start]!r})"
+        ) from None
+    return value
+
+
+def check_worker(worker: object) -> str:
+    if not isinstance(worker, str) or not worker.strip():
+        raise ValueError(f"a worker name must be a non-blank string, got {worker!r}")
+    return check_text("the worker name", worker)
+
+
+def check_models(models: Iterable[str]) -> tuple[str, ...]:
+    """The models a worker announces, sorted and each once; ValueError for a bad name."""
+    if isinstance(models, str):
+        raise ValueError(f"models must be a collection of model names, got the string {models!r}")
+    names = list(models)
+    for name in names:
+        if not isinstance(name, str) or _MODEL_NAME.fullmatch(name) is None:
+            raise ValueError(f"a model name is 1-64 letters, digits, '_', '.' or '-', got {name!r}")
+    return tuple(sorted(set(names)))
+
+
+def check_heartbeat_ttl(ttl_s: float | None, default_s: float) -> float:
+    if ttl_s is None:
+        return default_s
+    check_ttl(ttl_s)
+    return float(ttl_s)
+
+
+def job_id_bound(created_before_ms: int) -> str:
+    """The string that every job id created before `created_before_ms` sorts below."""
+    if isinstance(created_before_ms, bool) or not isinstance(created_before_ms, int):
+        raise ValueError(f"created_before_ms must be an integer, got {created_before_ms!r}")
+    return f"{min(max(created_before_ms, 0), 2**48 - 1):012x}"
+
+
+def record_json(record: JobRecord) -> str:
+    """A job record as stored: JSON with every non-ASCII character escaped, so that any
+    string, a lone surrogate included, is written and read back unchanged."""
+    return json.dumps(record.to_dict(), sort_keys=True)
 
 
 def check_job_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -215,6 +318,10 @@ def check_job_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 def check_limit(limit: int) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
+
+
+def check_cursor(cursor: str | None) -> str | None:
+    return None if cursor is None else check_text("the cursor", cursor)
 
 
 def check_ttl(ttl_s: float) -> None:

@@ -1,282 +1,55 @@
 """The JobStore of the embedded `dalle-farm serve`, in one SQLite file with its queue
 (core/queue_sqlite.py).
 
-The API (several threads) and the embedded worker (another process) share the file. Each thread
-has its own connection, WAL mode lets readers go on while one connection writes, and every
-read-modify-write runs in `BEGIN IMMEDIATE`, which takes SQLite's write lock first, so it is
-atomic across threads and processes. A writer waits up to BUSY_TIMEOUT_S for the lock, then gets
-StoreUnavailable.
+SqliteJobStore is built of parts, one concept each:
+    core/store_sqlite_db.py       the file: schema, connections per thread, transactions
+    core/store_sqlite_keys.py     API keys
+    core/store_sqlite_workers.py  heartbeats and the models workers serve
+    this module                   jobs, leases and the /metrics counters
 
-Tables:
-    jobs         id (sorts by creation time), owner, status, record (JobRecord JSON)
-    idempotency  (owner, sha256 of the Idempotency-Key) → job id, request fingerprint
-    api_keys     id, name, sha256 of the secret (never the secret), created_at, revoked
-    leases       job id → worker, expires_at
-    heartbeats   worker → seen_at
-    counters     name → value: duration histogram buckets, duration sum and count, images
-    queue        SqliteJobQueue: job id, FIFO sequence, leased_by, lease_expires_at, deliveries
-
-Times that decide expiry (leases, heartbeats) are time.time(), the one clock that two processes
-can compare. The file may not be ":memory:" (each connection would see its own database).
-
+Records are stored as ASCII JSON (non-ASCII escaped), so any string a record holds, a lone
+surrogate included, is written and read back unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
-import os
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from core.job import JobRecord, JobStatus, can_move, utc_now
 from core.store import (
+    DEFAULT_MODEL,
     DURATION_BUCKETS_S,
-    HEARTBEAT_RETENTION_S,
     IDEMPOTENCY_CONFLICT,
-    WORKER_ALIVE_S,
-    ApiKey,
     IdempotencyConflict,
     JobNotFound,
     MetricsSnapshot,
-    StoreUnavailable,
+    check_cursor,
     check_job_fields,
-    check_key_name,
     check_limit,
+    check_models,
     check_observation,
     check_ttl,
     cumulative_buckets,
     duration_bucket,
     hash_idempotency_key,
-    hash_secret,
-    key_id_from_secret,
-    new_key_secret,
+    job_id_bound,
+    record_json,
 )
+from core.store_sqlite_db import BUSY_TIMEOUT_S, SCHEMA_VERSION, SqliteBackend, SqliteDatabase
+from core.store_sqlite_keys import SqliteKeyStore
+from core.store_sqlite_workers import SqliteWorkerRegistry
 
-BUSY_TIMEOUT_S = 5.0
-SCHEMA_VERSION = 1
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS jobs (
-        id TEXT PRIMARY KEY, owner TEXT NOT NULL, status TEXT NOT NULL, record TEXT NOT NULL
-    ) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, id)",
-    "CREATE INDEX IF NOT EXISTS jobs_by_owner_status ON jobs (owner, status, id)",
-    "CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status)",
-    """CREATE TABLE IF NOT EXISTS idempotency (
-        owner TEXT NOT NULL, key_hash TEXT NOT NULL, job_id TEXT NOT NULL,
-        fingerprint TEXT NOT NULL, PRIMARY KEY (owner, key_hash)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS api_keys (
-        id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_hash TEXT NOT NULL,
-        created_at TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0
-    )""",
-    """CREATE TABLE IF NOT EXISTS leases (
-        job_id TEXT PRIMARY KEY, worker TEXT NOT NULL, expires_at REAL NOT NULL
-    ) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS heartbeats (
-        worker TEXT PRIMARY KEY, seen_at REAL NOT NULL
-    ) WITHOUT ROWID""",
-    # No type on value: integer counts stay integers, the duration sum is a float.
-    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value NOT NULL) WITHOUT ROWID",
-    """CREATE TABLE IF NOT EXISTS queue (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE, leased_by TEXT,
-        lease_expires_at REAL NOT NULL DEFAULT 0, deliveries INTEGER NOT NULL DEFAULT 0
-    )""",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
-)
+__all__ = ["BUSY_TIMEOUT_S", "SCHEMA_VERSION", "SqliteBackend", "SqliteDatabase", "SqliteJobStore"]
 
 
-class SqliteDatabase:
-    """Connections to one SQLite file: one per thread, all closed by close()."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        if str(path) == ":memory:":
-            raise ValueError("the SQLite store needs a file; ':memory:' is one database per thread")
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._inherited: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._pid = os.getpid()
-        self._closed = False
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise self._unavailable(err) from err
-        try:
-            with self.transaction() as connection:
-                version = connection.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise StoreUnavailable(
-                        f"the SQLite database {self.path} has schema version {version}, newer "
-                        f"than this dalle-farm's ({SCHEMA_VERSION}); upgrade dalle-farm"
-                    )
-                for statement in _SCHEMA:
-                    connection.execute(statement)
-        except BaseException:
-            self.close()
-            raise
-
-    def _unavailable(self, err: Exception) -> StoreUnavailable:
-        return StoreUnavailable(
-            f"the SQLite database {self.path} cannot be used ({err}); check that its folder "
-            "is writable, that the disk is not full and that the file is a dalle-farm database"
-        )
-
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use."""
-        if self._closed:
-            raise StoreUnavailable(f"the SQLite store on {self.path} was closed")
-        if os.getpid() != self._pid:
-            # A forked child must not use its parent's connections, nor close them (SQLite
-            # forbids both): keep them aside and start afresh.
-            self._inherited = self._connections
-            self._local = threading.local()
-            self._lock = threading.Lock()
-            self._connections = []
-            self._pid = os.getpid()
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._open()
-            self._local.connection = connection
-        return connection
-
-    def _open(self) -> sqlite3.Connection:
-        try:
-            # isolation_level=None: no implicit transactions; we BEGIN and COMMIT ourselves.
-            connection = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as err:
-            raise self._unavailable(err) from err
-        try:
-            connection.execute("PRAGMA journal_mode = WAL")
-            # In WAL mode NORMAL survives a crash of the process; only power loss can drop
-            # the last commits.
-            connection.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.Error as err:
-            connection.close()
-            raise self._unavailable(err) from err
-        with self._lock:
-            # Threads come and go (gunicorn); close the connections of finished ones.
-            for thread, old in self._connections:
-                if not thread.is_alive():
-                    old.close()
-            self._connections = [
-                (thread, old) for thread, old in self._connections if thread.is_alive()
-            ]
-            self._connections.append((threading.current_thread(), connection))
-        return connection
-
-    @contextmanager
-    def errors(self) -> Iterator[None]:
-        """SQLite's operational failures (locked, unreadable, disk full) as StoreUnavailable."""
-        try:
-            yield
-        except (sqlite3.IntegrityError, sqlite3.ProgrammingError):
-            raise  # bugs, not outages
-        except sqlite3.DatabaseError as err:
-            raise self._unavailable(err) from err
-
-    @contextmanager
-    def transaction(self, immediate: bool = True) -> Iterator[sqlite3.Connection]:
-        """A transaction: IMMEDIATE takes the write lock at once (read-modify-write); a deferred
-        one only reads, from one snapshot."""
-        connection = self.connection()
-        with self.errors():
-            connection.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-            try:
-                yield connection
-                connection.execute("COMMIT")
-            except BaseException:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-                raise
-
-    def fetch_one(self, sql: str, parameters: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
-        with self.errors():
-            row: tuple[Any, ...] | None = self.connection().execute(sql, parameters).fetchone()
-            return row
-
-    def fetch_all(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self.errors():
-            return self.connection().execute(sql, parameters).fetchall()
-
-    def close(self) -> None:
-        self._closed = True
-        with self._lock:
-            for _, connection in self._connections:
-                connection.close()
-            self._connections = []
-
-
-class SqliteJobStore:
+class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry):
     """The JobStore (core/store.py) over one SQLite file, created with its folder if missing.
 
-    `worker_alive_s`: how recent a heartbeat must be for metrics() to count the worker alive.
+    `worker_alive_s`: how long a worker's heartbeat lives when it gives no ttl_s.
     """
-
-    def __init__(
-        self, path: str | os.PathLike[str], *, worker_alive_s: float = WORKER_ALIVE_S
-    ) -> None:
-        self._db = SqliteDatabase(path)
-        self._worker_alive_s = worker_alive_s
-
-    @property
-    def path(self) -> Path:
-        return self._db.path
-
-    # -- API keys ----------------------------------------------------------------------------
-    def create_key(self, name: str) -> tuple[ApiKey, str]:
-        """A new key named `name` and its secret, which is shown only this once."""
-        key_id, secret = new_key_secret()
-        key = ApiKey(id=key_id, name=check_key_name(name), created_at=utc_now())
-        with self._db.transaction() as connection:
-            connection.execute(
-                "INSERT INTO api_keys (id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
-                (key.id, key.name, hash_secret(secret), key.created_at),
-            )
-        return key, secret
-
-    def list_keys(self) -> list[ApiKey]:
-        rows = self._db.fetch_all(
-            # rowid: creation order (keys are never deleted), even within one millisecond.
-            "SELECT id, name, created_at, revoked FROM api_keys ORDER BY rowid"
-        )
-        return [
-            ApiKey(id=key_id, name=name, created_at=created_at, revoked=bool(revoked))
-            for key_id, name, created_at, revoked in rows
-        ]
-
-    def revoke_key(self, id_or_name: str) -> bool:
-        """Revoke the key with this id, or every key with this name; False if none matches."""
-        with self._db.transaction() as connection:
-            cursor = connection.execute(
-                "UPDATE api_keys SET revoked = 1 WHERE id = ? OR name = ?", (id_or_name, id_or_name)
-            )
-            return cursor.rowcount > 0
-
-    def authenticate(self, secret: str) -> ApiKey | None:
-        """The key whose secret this is, unless unknown or revoked."""
-        key_id = key_id_from_secret(secret)
-        if key_id is None:
-            return None
-        presented = hash_secret(secret)
-        row = self._db.fetch_one(
-            "SELECT name, created_at, revoked, secret_hash FROM api_keys WHERE id = ?", (key_id,)
-        )
-        if row is None:
-            return None
-        name, created_at, revoked, secret_hash = row
-        if not hmac.compare_digest(secret_hash, presented) or revoked:
-            return None
-        return ApiKey(id=key_id, name=name, created_at=created_at)
 
     # -- jobs --------------------------------------------------------------------------------
     def create_job(
@@ -298,7 +71,7 @@ class SqliteJobStore:
                 raise ValueError(f"a job with id {record.id} already exists")
             connection.execute(
                 "INSERT INTO jobs (id, owner, status, record) VALUES (?, ?, ?, ?)",
-                (record.id, record.owner, record.status.value, record.to_json()),
+                (record.id, record.owner, record.status.value, record_json(record)),
             )
             if idempotency_key is not None:
                 connection.execute(
@@ -326,7 +99,7 @@ class SqliteJobStore:
         if status is not None:
             sql += " AND status = ?"
             parameters.append(JobStatus(status).value)
-        if cursor is not None:
+        if check_cursor(cursor) is not None:
             sql += " AND id < ?"
             parameters.append(cursor)
         sql += " ORDER BY id DESC LIMIT ?"
@@ -368,6 +141,36 @@ class SqliteJobStore:
                 record = dataclasses.replace(record, cancel_requested=True)
                 _save(connection, record)
         return record
+
+    def fail_queued_jobs(
+        self, model: str, created_before_ms: int, error: str, limit: int = 100
+    ) -> list[str]:
+        """Fail the model's queued jobs created before `created_before_ms`, oldest first."""
+        (name,) = check_models([model])
+        check_limit(limit)
+        failed: list[str] = []
+        with self._db.transaction() as connection:
+            rows = connection.execute(
+                "SELECT record FROM jobs WHERE status = ? AND id < ? ORDER BY id",
+                (JobStatus.QUEUED.value, job_id_bound(created_before_ms)),
+            )
+            # The embedded farm's queue is short: the model is read from each record.
+            for (text,) in rows.fetchall():
+                record = JobRecord.from_json(text)
+                if (record.params.get("model") or DEFAULT_MODEL) != name:
+                    continue
+                finished = dataclasses.replace(
+                    record, status=JobStatus.FAILED, error=error, finished_at=utc_now()
+                )
+                _save(connection, finished)
+                failed.append(record.id)
+                if len(failed) == limit:
+                    break
+        return failed
+
+    def count_queued(self) -> int:
+        row = self._db.fetch_one("SELECT COUNT(*) FROM jobs WHERE status = ?", ("queued",))
+        return 0 if row is None else int(row[0])
 
     # -- leases ------------------------------------------------------------------------------
     def renew_lease(self, job_id: str, worker: str, ttl_s: float) -> bool:
@@ -414,28 +217,12 @@ class SqliteJobStore:
                 increments,
             )
 
-    def worker_heartbeat(self, worker: str) -> None:
-        now = time.time()
-        with self._db.transaction() as connection:
-            connection.execute(
-                "INSERT INTO heartbeats (worker, seen_at) VALUES (?, ?)"
-                " ON CONFLICT (worker) DO UPDATE SET seen_at = excluded.seen_at",
-                (worker, now),
-            )
-            connection.execute(
-                "DELETE FROM heartbeats WHERE seen_at < ?", (now - HEARTBEAT_RETENTION_S,)
-            )
-
     def metrics(self) -> MetricsSnapshot:
         with self._db.transaction(immediate=False) as connection:
             by_status = dict(
                 connection.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
             )
             counters = dict(connection.execute("SELECT name, value FROM counters").fetchall())
-            (workers_alive,) = connection.execute(
-                "SELECT COUNT(*) FROM heartbeats WHERE seen_at >= ?",
-                (time.time() - self._worker_alive_s,),
-            ).fetchone()
         return MetricsSnapshot(
             jobs_by_status={status.value: by_status.get(status.value, 0) for status in JobStatus},
             duration_bucket_counts=cumulative_buckets(
@@ -444,15 +231,8 @@ class SqliteJobStore:
             duration_sum_s=float(counters.get("duration_sum_s", 0.0)),
             duration_count=int(counters.get("duration_count", 0)),
             images_generated=int(counters.get("images_generated", 0)),
-            workers_alive=workers_alive,
+            workers_alive=self._workers_alive(),
         )
-
-    def check(self) -> None:
-        """Raise StoreUnavailable unless the database can be queried."""
-        self._db.fetch_one("SELECT 1 FROM jobs LIMIT 1")
-
-    def close(self) -> None:
-        self._db.close()
 
     def __enter__(self) -> SqliteJobStore:
         return self
@@ -471,5 +251,5 @@ def _load(connection: sqlite3.Connection, job_id: str) -> JobRecord:
 def _save(connection: sqlite3.Connection, record: JobRecord) -> None:
     connection.execute(
         "UPDATE jobs SET status = ?, record = ? WHERE id = ?",
-        (record.status.value, record.to_json(), record.id),
+        (record.status.value, record_json(record), record.id),
     )

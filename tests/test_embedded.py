@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.job import JobStatus
+from core.job import JobRecord, JobStatus, new_job_id, utc_now
+from core.queue_sqlite import SqliteJobQueue
 from core.store_sqlite import SqliteJobStore
 from tests.farm_helpers import REPO_ROOT, FarmProcess, http, http_json, subprocess_env, wait_for
 from tests.servers import free_port
@@ -79,7 +80,10 @@ def test_serve_runs_a_job_without_a_key_on_loopback(
     serve_env: dict[str, str], tmp_path: Path
 ) -> None:
     serve = Serve(serve_env, tmp_path / "serve.log").start()
+    database = Path(serve_env["DALLE_FARM_DATA_DIR"]) / "farm.db"
     try:
+        with SqliteJobStore(database) as store:  # ready means announced
+            assert store.served_models() == {"mini"}
         job = serve.submit({"text": "a sailing boat", "seed": 21, "grid_size": 2})
         assert job["status"] == "queued"
         done = serve.wait_status(job["id"], "succeeded")
@@ -94,7 +98,25 @@ def test_serve_runs_a_job_without_a_key_on_loopback(
             )
         listed = http_json("GET", f"{serve.base}/v1/jobs")
         assert job["id"] in [entry["id"] for entry in listed["jobs"]]
+
+        # A Mega job (the API refuses one; this one is queued behind its back) does not linger.
+        mega = JobRecord(
+            id=new_job_id(),
+            owner="local",
+            status=JobStatus.QUEUED,
+            params={"text": "a big model's job", "model": "mega"},
+            created_at=utc_now(),
+        )
+        with SqliteJobStore(database) as store, SqliteJobQueue(database) as queue:
+            store.create_job(mega)
+            queue.enqueue(mega.id, "mega")
+        failed = serve.wait_status(mega.id, "failed")
+        assert "mega" in failed["error"] and "mini" in failed["error"], failed["error"]
+
         assert serve.process.terminate() == 0
+        with SqliteJobStore(database) as store:
+            assert store.served_models() == frozenset()  # it left when it stopped
+            assert store.metrics().workers_alive == 0
     finally:
         serve.process.kill_group()
 

@@ -5,6 +5,8 @@ test).
 
 The tests share one farm and run in file order: the last ones stop and kill workers.
 DALLE_FARM_VISIBILITY_TIMEOUT_S is 10 here, so a vanished worker's job is redelivered fast.
+A stand-in announces that it serves Mega, so that the tests may queue Mega jobs that no worker
+takes (the API refuses jobs for a model that no live worker serves).
 """
 
 from __future__ import annotations
@@ -29,10 +31,21 @@ from PIL import Image
 from api.app import create_app
 from cli.main import CommandError
 from cli.worker import child_for, parse_gpus
-from core.job import decode_tokens, grid_key, image_key, job_json_key
+from core.job import (
+    JobRecord,
+    JobStatus,
+    decode_tokens,
+    grid_key,
+    image_key,
+    job_json_key,
+    new_job_id,
+    utc_now,
+)
 from core.services import FarmServices, build_services
 from core.settings import Settings
 from core.storage import S3Storage
+from core.store import key_id_from_secret
+from model.weights.random_weights import SMALL_CONFIG, write_random_weights
 from tests.farm_helpers import (
     AWS_ENV,
     AWS_ENV_REMOVED,
@@ -52,6 +65,10 @@ VISIBILITY_TIMEOUT_S = 10
 RECOVERY_S = 120
 JOB_TIMEOUT_S = 90
 WORKER_START_S = 90
+# Serves Mega for the tests that queue Mega jobs without a Mega worker.
+MEGA_STAND_IN = "mega-stand-in@tests"
+# DALLE_FARM_UNSERVED_JOB_TIMEOUT_S of the worker that sweeps in the unserved-jobs test.
+UNSERVED_TIMEOUT_S = 3
 
 
 @dataclass
@@ -172,6 +189,7 @@ def farm(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> I
             settings, store=services.store, storage=services.storage, queue=services.queue
         )
         _, secret = services.store.create_key("tests")
+        services.store.worker_heartbeat(MEGA_STAND_IN, models=["mega"], ttl_s=24 * 3600)
         farm = Farm(
             redis_server=redis_server,
             s3=s3,
@@ -337,6 +355,71 @@ def test_100_concurrent_submissions_none_lost(farm: Farm, tmp_path: Path) -> Non
         api.kill_group()
         for job_id in ids:
             farm.services.store.request_cancel(job_id)
+
+
+@pytest.fixture(scope="module")
+def mega_models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random model in Mega's file layout."""
+    root = tmp_path_factory.mktemp("small-mega")
+    write_random_weights(root, SMALL_CONFIG, is_mega=True, seed=2)
+    return root
+
+
+def test_workers_announce_their_models_and_unserved_jobs_fail(
+    farm: Farm, mega_models_root: Path, tmp_path: Path
+) -> None:
+    store = farm.services.store
+    farm.stop_workers()
+    store.worker_gone(MEGA_STAND_IN)
+    assert store.served_models() == frozenset()
+
+    # A Mini worker that fails jobs no worker serves after a short bound, and a Mega worker.
+    short = {"DALLE_FARM_UNSERVED_JOB_TIMEOUT_S": str(UNSERVED_TIMEOUT_S)}
+    mini = worker_process({**farm.env, **short}, tmp_path, "mini").start()
+    mega_env = {
+        **farm.env,
+        "DALLE_FARM_MODEL": "mega",
+        "DALLE_FARM_MODELS_ROOT": str(mega_models_root),
+    }
+    mega = worker_process(mega_env, tmp_path, "mega").start()
+    try:
+        for worker in (mini, mega):
+            worker.wait_for_log("worker(s) ready", WORKER_START_S)
+        # Ready means announced: the API accepts their jobs from then on.
+        assert store.served_models() == {"mini", "mega"}
+        job = farm.submit({"text": "a big model's job", "model": "mega"})
+        assert farm.wait_status(job["id"], "succeeded")["worker"] == "cpu@mega"
+
+        assert mega.terminate() == 0
+        assert store.served_models() == {"mini"}  # gone at once, not when its heartbeat expires
+
+        # Queued just as its last worker left (the API now refuses such a job).
+        unserved = JobRecord(
+            id=new_job_id(),
+            owner=str(key_id_from_secret(farm.secret)),
+            status=JobStatus.QUEUED,
+            params={"text": "nobody renders me", "model": "mega"},
+            created_at=utc_now(),
+        )
+        store.create_job(unserved)
+        farm.services.queue.enqueue(unserved.id, "mega")
+        served = farm.submit({"text": "a small model's job", "seed": 8})
+        assert farm.wait_status(served["id"], "succeeded")["error"] is None
+
+        failed = farm.wait_status(unserved.id, "failed", JOB_TIMEOUT_S + UNSERVED_TIMEOUT_S)
+        assert failed["error"].startswith("no worker serves model 'mega'; ")
+        assert "the farm serves mini now" in failed["error"]
+        assert failed["started_at"] is None and failed["attempts"] == 0
+        assert farm.services.queue.depth() == 0
+        assert farm.queue_length("mega") >= 1  # its message waits for a Mega worker to drop it
+
+        assert mini.terminate() == 0
+        assert store.served_models() == frozenset()
+        assert store.metrics().workers_alive == 0
+    finally:
+        for worker in (mini, mega):
+            worker.kill_group()
+        store.worker_heartbeat(MEGA_STAND_IN, models=["mega"], ttl_s=24 * 3600)
 
 
 def test_the_api_process_does_not_import_torch(farm: Farm) -> None:

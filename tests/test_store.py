@@ -15,7 +15,9 @@ import redis
 
 from core.job import JobRecord, JobStatus, new_job_id, utc_now
 from core.queue import JobQueue
+from core.queue_celery import CeleryJobQueue
 from core.queue_sqlite import SqliteJobQueue
+from core.settings import Settings
 from core.store import (
     DURATION_BUCKETS_S,
     IdempotencyConflict,
@@ -25,6 +27,7 @@ from core.store import (
 )
 from core.store_redis import RedisJobStore, redact_url
 from core.store_sqlite import SqliteJobStore
+from core.unserved import UnservedJobSweeper, fail_unserved_jobs
 from tests.servers import RedisServer, free_port, running_redis
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +87,17 @@ def raw_contents(store: JobStore) -> str:
     return "\n".join(parts)
 
 
-def make_job(owner: str = "key-a", offset_ms: int = 0, text: str = "a cat") -> JobRecord:
+def make_job(
+    owner: str = "key-a", offset_ms: int = 0, text: str = "a cat", model: str | None = None
+) -> JobRecord:
+    params: dict[str, object] = {"text": text, "seed": 7, "temperature": 1.0}
+    if model is not None:
+        params["model"] = model
     return JobRecord(
         id=new_job_id(T0_MS + offset_ms),
         owner=owner,
         status=JobStatus.QUEUED,
-        params={"text": text, "seed": 7, "temperature": 1.0},
+        params=params,
         created_at=utc_now(),
     )
 
@@ -424,6 +432,165 @@ def test_metrics(store: JobStore) -> None:
         store.observe_finished(JobStatus.SUCCEEDED, -1.0, 1)
 
 
+# -- workers and the models they serve -------------------------------------------------------------
+
+
+def test_workers_announce_the_models_they_serve_and_leave(store: JobStore) -> None:
+    assert store.served_models() == frozenset()
+    assert store.models_last_served() == {}
+    store.worker_heartbeat("gpu0@a", models=["mini"])
+    store.worker_heartbeat("gpu1@a", models=("mega", "mini"))
+    assert store.served_models() == {"mini", "mega"}
+    assert set(store.models_last_served()) == {"mini", "mega"}
+    assert store.metrics().workers_alive == 2
+
+    # A heartbeat without models (a running job's) keeps what the worker announced.
+    store.worker_heartbeat("gpu1@a")
+    assert store.served_models() == {"mini", "mega"}
+    # A new announcement replaces the old one.
+    store.worker_heartbeat("gpu1@a", models=["mini"])
+    assert store.served_models() == {"mini"}
+    store.worker_heartbeat("gpu1@a", models=["mega"])
+
+    before = store.models_last_served()["mega"]
+    store.worker_gone("gpu1@a")  # a clean shutdown: gone at once
+    assert store.served_models() == {"mini"}
+    assert store.metrics().workers_alive == 1
+    assert store.models_last_served()["mega"] >= before
+    store.worker_gone("gpu1@a")  # twice is harmless
+    store.worker_gone("never-seen")
+
+    # A worker that dies is gone when its heartbeat expires.
+    store.worker_heartbeat("gpu2@b", models=["mega"], ttl_s=0.2)
+    assert store.served_models() == {"mini", "mega"}
+    time.sleep(0.3)
+    assert store.served_models() == {"mini"}
+    time.sleep(WORKER_ALIVE_S)  # the store's default lifetime of a heartbeat
+    assert store.served_models() == frozenset()
+    assert store.metrics().workers_alive == 0
+
+    for bad in (["mi,ni"], [""], ["mini", 7], "mini"):
+        with pytest.raises(ValueError, match="model"):
+            store.worker_heartbeat("gpu0@a", models=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="worker"):
+        store.worker_heartbeat(" ")
+    with pytest.raises(ValueError, match="lease time"):
+        store.worker_heartbeat("gpu0@a", ttl_s=0)
+
+
+def add_model_job(
+    store: JobStore, model: str | None, offset_ms: int, *statuses: JobStatus
+) -> JobRecord:
+    record, _ = store.create_job(make_job(offset_ms=offset_ms, model=model))
+    return move(store, record.id, *statuses) if statuses else record
+
+
+def test_queued_jobs_of_an_unserved_model_fail_after_the_bound(store: JobStore) -> None:
+    """The jobs were created in 2023 (T0_MS): long past any bound."""
+    waiting = add_model_job(store, "mega", 0)
+    requeued = add_model_job(store, "mega", 1, JobStatus.RUNNING, JobStatus.QUEUED)
+    running = add_model_job(store, "mega", 2, JobStatus.RUNNING)
+    canceled = add_model_job(store, "mega", 3, JobStatus.CANCELED)
+    served = add_model_job(store, "mini", 4)
+    default_model = add_model_job(store, None, 5)  # no model in its params: Mini's
+    store.worker_heartbeat("gpu0@a", models=["mini"])
+
+    failed = fail_unserved_jobs(store, timeout_s=60)
+    assert failed == [waiting.id, requeued.id]
+    for job_id in failed:
+        record = store.get_job(job_id)
+        assert record is not None and record.status is JobStatus.FAILED
+        assert record.finished_at is not None
+        assert (record.error or "").startswith("no worker serves model 'mega'; ")
+        assert "DALLE_FARM_UNSERVED_JOB_TIMEOUT_S" in (record.error or "")
+        assert "the farm serves mini now" in (record.error or "")
+    for untouched in (running, canceled, served, default_model):
+        assert store.get_job(untouched.id) == untouched
+    assert fail_unserved_jobs(store, timeout_s=60) == []
+    metrics = store.metrics()
+    assert metrics.jobs_by_status["failed"] == 2
+    assert metrics.duration_count == 2  # counted as finished, with their time in the queue
+    assert store.count_queued() == 2
+
+    # Once no worker is alive at all, Mini's jobs fail too, the bound after its last worker left.
+    store.worker_gone("gpu0@a")
+    assert fail_unserved_jobs(store, timeout_s=60) == []
+    failed = fail_unserved_jobs(store, timeout_s=60, now=time.time() + 61)
+    assert failed == [served.id, default_model.id]
+    record = store.get_job(served.id)
+    assert record is not None and "no worker is alive at all now" in (record.error or "")
+    assert store.count_queued() == 0
+
+
+def test_the_bound_counts_from_creation_and_from_the_last_worker_of_the_model(
+    store: JobStore,
+) -> None:
+    now = time.time()
+    job, _ = store.create_job(
+        JobRecord(
+            id=new_job_id(int(now * 1000)),
+            owner="key-a",
+            status=JobStatus.QUEUED,
+            params={"text": "a cat", "model": "mega"},
+            created_at=utc_now(),
+        )
+    )
+    assert fail_unserved_jobs(store, timeout_s=60, now=now + 30) == []  # created 30 s ago
+    old = add_model_job(store, "mega", 0)  # created long ago, but Mega was served until now
+    store.worker_heartbeat("gpu1@a", models=["mega"])
+    store.worker_gone("gpu1@a")
+    assert fail_unserved_jobs(store, timeout_s=60, now=now + 30) == []
+    assert fail_unserved_jobs(store, timeout_s=60, now=now + 120) == [old.id, job.id]
+
+
+def test_failing_queued_jobs_goes_in_batches(store: JobStore) -> None:
+    jobs = [add_model_job(store, "mega", i) for i in range(3)]
+    newer = add_model_job(store, "mega", 10)
+    bound_ms = T0_MS + 5
+    error = "no worker serves model 'mega'"
+    assert store.fail_queued_jobs("mega", bound_ms, error, limit=2) == [jobs[0].id, jobs[1].id]
+    assert store.fail_queued_jobs("mega", bound_ms, error, limit=2) == [jobs[2].id]
+    assert store.fail_queued_jobs("mega", bound_ms, error, limit=2) == []
+    assert store.fail_queued_jobs("mini", T0_MS + 100, error) == []
+    assert store.get_job(newer.id) == newer
+    with pytest.raises(ValueError, match="model"):
+        store.fail_queued_jobs("mi,ni", bound_ms, error)
+
+
+def test_the_sweeper_sweeps_at_most_once_per_interval(store: JobStore) -> None:
+    now = [100.0]
+    sweeper = UnservedJobSweeper(store, timeout_s=60, interval_s=10, clock=lambda: now[0])
+    first = add_model_job(store, "mega", 0)
+    assert sweeper.maybe() == [first.id]
+    second = add_model_job(store, "mega", 1)
+    now[0] += 9
+    assert sweeper.maybe() == []  # within the interval: no sweep
+    now[0] += 1
+    assert sweeper.maybe() == [second.id]
+    assert UnservedJobSweeper(store, timeout_s=8).interval_s == 2  # a quarter of a short bound
+    with pytest.raises(ValueError, match="timeout_s"):
+        UnservedJobSweeper(store, timeout_s=0)
+
+
+# -- odd text -------------------------------------------------------------------------------------
+
+
+def test_lone_surrogates_are_stored_or_refused_clearly(store: JobStore) -> None:
+    odd = "a cat \ud800 and \udcff, caf\u00e9 \U0001f408"
+    job, _ = store.create_job(make_job(text=odd), idempotency_key="key \udc80", fingerprint="f")
+    assert store.get_job(job.id) == job and job.params["text"] == odd
+    again, created = store.create_job(make_job(offset_ms=1), "key \udc80", "f")
+    assert not created and again == job
+    failed = store.transition(job.id, JobStatus.FAILED, error=f"could not open {odd}")
+    assert failed is not None and failed.error == f"could not open {odd}"
+    assert store.list_jobs("key-a") == ([failed], None)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        store.create_key("ops \ud800")
+    with pytest.raises(ValueError, match="cursor"):
+        store.list_jobs("key-a", cursor="\ud800")
+    assert store.revoke_key("ops \ud800") is False
+
+
 # -- availability ---------------------------------------------------------------------------------
 
 
@@ -471,6 +638,9 @@ def test_redis_store_on_a_client_of_the_caller(redis_server: RedisServer) -> Non
         assert store.get_job(job.id) == running
         assert store.renew_lease(job.id, "w1", 10) and store.lease_holder(job.id) == "w1"
         assert store.metrics().jobs_by_status["running"] == 1
+        store.worker_heartbeat("gpu0@a", models=["mini", "mega"])
+        assert store.served_models() == {"mini", "mega"}
+        assert set(store.models_last_served()) == {"mini", "mega"}
         store.close()
         assert client.ping()
         assert all(name.startswith(b"farm-b:") for name in client.scan_iter())
@@ -557,33 +727,38 @@ def test_queue_survives_reopening(tmp_path: Path) -> None:
 
 
 _LEASE_ALL = """
-import sys, time
+import os, sys, time
 from core.queue_sqlite import SqliteJobQueue
-path, worker, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+path, worker, go = sys.argv[1], sys.argv[2], sys.argv[3]
 with SqliteJobQueue(path) as queue:
-    time.sleep(max(0.0, start_at - time.time()))
+    print("ready", flush=True)
+    while not os.path.exists(go):  # all processes start leasing together
+        time.sleep(0.001)
     while (job_id := queue.lease(worker, 60.0)) is not None:
         print(job_id, flush=True)
-        time.sleep(0.002)  # "work", so that the others get the lock in between
+        time.sleep(0.005)  # "work", so that the others get the lock in between
 """
 
 
 def test_queue_processes_never_lease_the_same_job(tmp_path: Path) -> None:
     path = tmp_path / "farm.db"
+    go = tmp_path / "go"
     job_ids = [f"job-{i:04d}" for i in range(200)]
     with SqliteJobQueue(path) as queue:
         for job_id in job_ids:
             queue.enqueue(job_id)
-    start_at = str(time.time() + 1.0)  # all processes start leasing together
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", _LEASE_ALL, str(path), f"w{i}", start_at],
+            [sys.executable, "-c", _LEASE_ALL, str(path), f"w{i}", str(go)],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             text=True,
         )
         for i in range(3)
     ]
+    for process in processes:  # however long their imports take on a busy machine
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    go.touch()
     leased: list[list[str]] = []
     for process in processes:
         stdout, _ = process.communicate(timeout=60)
@@ -592,3 +767,43 @@ def test_queue_processes_never_lease_the_same_job(tmp_path: Path) -> None:
     everything = [job_id for ids in leased for job_id in ids]
     assert sorted(everything) == job_ids  # each job exactly once
     assert all(leased), "some process leased nothing: they did not run together"
+
+
+def test_queue_depth_leaves_out_jobs_canceled_or_failed_while_queued(tmp_path: Path) -> None:
+    with (
+        SqliteJobStore(tmp_path / "farm.db") as store,
+        SqliteJobQueue(tmp_path / "farm.db") as queue,
+    ):
+        jobs = [add_job(store, offset_ms=i) for i in range(4)]
+        for job in jobs:
+            queue.enqueue(job.id)
+        assert queue.depth() == 4
+        store.request_cancel(jobs[0].id)
+        store.fail_queued_jobs("mini", T0_MS + 2, "no worker serves model 'mini'")
+        assert queue.depth() == 2  # their rows stay until a worker drops them
+        assert queue.lease("w1", 60) == jobs[0].id
+        queue.ack(jobs[0].id)
+        move(store, jobs[2].id, JobStatus.RUNNING)  # running, its row free again: it waits
+        assert queue.depth() == 2
+
+
+def test_celery_queue_depth_counts_the_jobs_waiting(redis_server: RedisServer) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    settings = Settings(redis_url=redis_server.url)
+    with RedisJobStore(redis_server.url) as store:
+        queue = CeleryJobQueue(settings, store=store)
+        _contract: JobQueue = queue
+        try:
+            jobs = [add_job(store, offset_ms=i) for i in range(3)]
+            for job in jobs:
+                queue.enqueue(job.id)
+            assert queue.depth() == 3
+            store.request_cancel(jobs[0].id)
+            store.fail_queued_jobs("mini", T0_MS + 2, "no worker serves model 'mini'")
+            assert queue.depth() == 1
+            # The canceled and failed jobs' messages are still there, for a worker to drop.
+            with redis.Redis.from_url(redis_server.url) as client:
+                assert client.llen(settings.queue_name("mini")) == 3
+        finally:
+            queue.close()

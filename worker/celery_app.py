@@ -31,6 +31,13 @@ Delivery guarantees, and why each setting is what it is:
   duplicate work. A redelivered job resumes from its last checkpoint (every 32 tokens), so a
   worker's death costs at most 32 steps of each of its jobs, plus the timeout.
 
+Presence: once the worker consumes (with the thread pool, its model is loaded before that), it
+announces the model it serves, and only then tells `dalle-farm worker` that it is ready; a
+thread goes on announcing it with the worker's heartbeat every WORKER_HEARTBEAT_S, and sweeps
+queued jobs whose model no live worker serves (core/presence.py, core/unserved.py). When a
+shutdown begins (SIGTERM: the jobs running are finished first) it stops announcing at once, so
+the API refuses new jobs for a model whose last worker is leaving.
+
 A run_job outcome of DEFERRED retries the task in a few seconds, forever (the lease holder is
 alive, and will finish or die). StorageUnavailable retries with backoff up to
 STORAGE_MAX_RETRIES times; then the job fails saying the results could not be stored.
@@ -49,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, Task, signals
 
 from core.job import JobStatus, utc_now
+from core.presence import WorkerPresence
 from core.queue_celery import TASK_NAME
 from core.queue_celery import create_celery_app as create_queue_app
 from core.settings import Settings
@@ -64,8 +72,6 @@ DEFER_COUNTDOWN_S = 5.0
 STORAGE_MAX_RETRIES = 8
 STORAGE_MAX_BACKOFF_S = 60.0
 STORE_RETRY_COUNTDOWN_S = 5.0
-# Seconds between a worker's "alive" heartbeats in the store (workers alive on /metrics).
-WORKER_HEARTBEAT_S = 10.0
 # Set by `dalle-farm worker` for each child: a file a pool process writes once its model is loaded.
 READY_FILE_ENV = "DALLE_FARM_WORKER_READY_FILE"
 
@@ -175,15 +181,18 @@ def _fail(store: JobStore, job_id: str, error: str) -> None:
 @signals.worker_init.connect
 def _load_model_in_threads_worker(sender: Any = None, **_: Any) -> None:
     """With the thread pool, load the model in the worker process itself before it consumes."""
+    global _ready_once_announced
     pool = getattr(sender, "pool_cls", None)
     name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if _default_app is None or "thread" not in str(name).lower():
         return
     try:
-        _load_and_report_ready(_default_app)
+        worker_resources(_default_app.conf.dalle_farm_settings)
     except Exception:
         log.exception("the model could not be loaded; stopping this worker")
         raise SystemExit(1) from None
+    # Ready once its model is announced too (at worker_ready): the API then takes its jobs.
+    _ready_once_announced = True
 
 
 @signals.worker_process_init.connect
@@ -207,47 +216,68 @@ def _load_and_report_ready(app: Celery) -> None:
     of the farm): the callers stop it instead, and `dalle-farm worker` reports it.
     """
     worker_resources(app.conf.dalle_farm_settings)
+    _report_ready()
+
+
+def _report_ready() -> None:
     ready_file = os.environ.get(READY_FILE_ENV)
     if ready_file:
         Path(ready_file).write_text(f"{os.getpid()}\n")
 
 
-_heartbeat_stop = threading.Event()
+_presence: WorkerPresence | None = None
+_presence_lock = threading.Lock()
+_ready_once_announced = False
 
 
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """Beat the worker's heartbeat in the store (workers alive on /metrics)."""
+    """Announce the worker's model in the store, with its heartbeat."""
+    global _presence
     app = _default_app
     if app is None:
         return
     hostname = str(getattr(sender, "hostname", None) or "celery")
     settings: Settings = app.conf.dalle_farm_settings
-    thread = threading.Thread(
-        target=_beat, args=(settings, hostname), name="worker-heartbeat", daemon=True
-    )
-    thread.start()
+    models = models_to_announce(app, settings)
+    from core.services import build_store
+
+    with _presence_lock:
+        if _presence is not None:
+            return
+        _presence = WorkerPresence(
+            build_store(settings),
+            hostname,
+            models,
+            unserved_timeout_s=settings.unserved_job_timeout_s,
+        ).start()
+    log.info("worker %s serves %s", hostname, ", ".join(models) or "no model (see --queues)")
+    if _ready_once_announced:
+        _report_ready()
+
+
+def models_to_announce(app: Celery, settings: Settings) -> list[str]:
+    """The model this worker renders, if it takes jobs from that model's queue."""
+    consumed = app.amqp.queues.consume_from
+    return [settings.model] if consumed is None or settings.queue_name() in consumed else []
+
+
+@signals.worker_shutting_down.connect
+def _on_worker_shutting_down(**_: Any) -> None:
+    # Sent from a signal handler: only flag it; the presence thread leaves the store itself.
+    presence = _presence
+    if presence is not None:
+        presence.stop(timeout_s=0)
 
 
 @signals.worker_shutdown.connect
 def _on_worker_shutdown(**_: Any) -> None:
-    _heartbeat_stop.set()
-
-
-def _beat(settings: Settings, hostname: str) -> None:
-    from core.services import build_store
-
-    store = build_store(settings)
-    try:
-        while True:
-            try:
-                store.worker_heartbeat(hostname)
-            except Exception as error:
-                log.warning("worker heartbeat failed: %s", error)
-            if _heartbeat_stop.wait(WORKER_HEARTBEAT_S):
-                return
-    finally:
-        store.close()
+    global _presence
+    with _presence_lock:
+        presence, _presence = _presence, None
+    if presence is not None:
+        presence.stop()
+        presence.store.close()
 
 
 # -- `celery -A worker.celery_app` ------------------------------------------------------------

@@ -6,9 +6,13 @@ one engine, so their jobs decode in one batch. A job's queue row is leased for Q
 and the lease extended while the job runs, so a worker that dies leaves the row to be leased
 again; it is acknowledged (removed) only when run_job is DONE with it.
 
-SIGTERM or SIGINT: the jobs running are handed back at their next decoder step (queued again,
-their queue leases released) and the loop exits; the next start resumes them from their last
-checkpoint.
+Once the model is loaded, a thread announces the model the worker serves (DALLE_FARM_MODEL)
+with its heartbeat and fails queued jobs whose model no live worker serves, after
+DALLE_FARM_UNSERVED_JOB_TIMEOUT_S (core/presence.py, core/unserved.py).
+
+SIGTERM or SIGINT: the worker stops announcing its model, the jobs running are handed back at
+their next decoder step (queued again, their queue leases released) and the loop exits; the
+next start resumes them from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from core.presence import WorkerPresence
 from core.queue_sqlite import SqliteJobQueue
 from core.settings import Settings
 from core.storage import Storage, StorageUnavailable
@@ -35,7 +39,6 @@ log = logging.getLogger(__name__)
 # A dead worker's job can be leased again this long after its last extension.
 QUEUE_LEASE_S = 20.0
 IDLE_POLL_S = 0.5
-WORKER_HEARTBEAT_S = 10.0
 # Pause before a job that could not be stored or recorded is tried again.
 RETRY_PAUSE_S = 5.0
 # A job another live worker holds is looked at again after this long.
@@ -82,16 +85,19 @@ def work(
     stop: threading.Event,
     name: str | None = None,
     on_idle: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Run queued jobs on settings.max_jobs threads until `stop` is set; the jobs running then
-    are handed back."""
+    are handed back. Meanwhile the worker announces that it serves settings.model; `on_ready`
+    is called once it has announced it."""
     name = name or worker_name()
-    beat = _Beat(store, name)
+    presence = WorkerPresence(
+        store, name, [settings.model], unserved_timeout_s=settings.unserved_job_timeout_s
+    )
 
     def loop() -> None:
         owner = lease_owner(name)  # one per thread
         while not stop.is_set():
-            beat.maybe()
             try:
                 job_id = queue.lease(owner, QUEUE_LEASE_S)
             except StoreUnavailable as error:
@@ -108,10 +114,20 @@ def work(
     threads = [
         threading.Thread(target=loop, name=f"job-{number}") for number in range(settings.max_jobs)
     ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    presence.start()
+    try:
+        for thread in threads:
+            thread.start()
+        if on_ready is not None:
+            on_ready()
+        # The API refuses new jobs for the model as soon as the worker is stopping.
+        while not stop.wait(1.0) and any(thread.is_alive() for thread in threads):
+            pass
+        presence.stop()
+        for thread in threads:
+            thread.join()
+    finally:
+        presence.stop()
 
 
 def _run_one(
@@ -156,26 +172,6 @@ def _try(action: Callable[[], object]) -> None:
         log.warning("queue update failed: %s", error)
 
 
-class _Beat:
-    """The worker's heartbeat, beaten by whichever job thread comes by when it is due."""
-
-    def __init__(self, store: JobStore, name: str) -> None:
-        self.store, self.name = store, name
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def maybe(self) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if now < self._next:
-                return
-            self._next = now + WORKER_HEARTBEAT_S
-        try:
-            self.store.worker_heartbeat(self.name)
-        except StoreUnavailable as error:
-            log.warning("worker heartbeat failed: %s", error)
-
-
 def main() -> int:
     """`python -m worker.embedded`: load the model, then work until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -206,10 +202,13 @@ def main() -> int:
     except (ModelError, StorageUnavailable, OSError) as error:
         log.error("the worker cannot start: %s", error)
         return 1
-    log.info("worker %s ready (pid %d)", worker_name(), os.getpid())
-    ready_file = os.environ.get(READY_FILE_ENV)
-    if ready_file:
-        Path(ready_file).write_text(worker_name() + "\n")
+
+    def report_ready() -> None:
+        log.info("worker %s ready (pid %d)", worker_name(), os.getpid())
+        ready_file = os.environ.get(READY_FILE_ENV)
+        if ready_file:
+            Path(ready_file).write_text(worker_name() + "\n")
+
     try:
         work(
             settings=settings,
@@ -218,6 +217,7 @@ def main() -> int:
             queue=queue,
             engine=engine,
             stop=stop,
+            on_ready=report_ready,
         )
     finally:
         engine.close()

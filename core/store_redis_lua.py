@@ -1,0 +1,199 @@
+"""The Lua scripts of RedisJobStore (core/store_redis.py): every read-modify-write on Redis.
+
+A script runs atomically, however many API processes and workers share the Redis. Scripts that
+change a job's status get the store's key prefix (ARGV[1], "dalle-farm:") and build the index
+names from it; core/store_redis.py lists the keys.
+"""
+
+from __future__ import annotations
+
+from core.job import JobStatus, can_move
+from core.store import DEFAULT_MODEL
+
+# The hash field of a job that holds its model, kept for the per-model queued index; not a
+# JobRecord field, so reads skip it. A job without one (stored by an older version) counts as
+# the default model's.
+MODEL_FIELD = "_model"
+
+_ALLOWED_MOVES = ", ".join(
+    f'["{a.value}>{b.value}"] = true' for a in JobStatus for b in JobStatus if can_move(a, b)
+)
+
+# move(job key, counts key, prefix, to, fields...): set status and fields, and keep the
+# per-status index, the per-model queued index and the counts in step. The caller checked that
+# the move is allowed.
+_MOVE = f"""
+local function move(job, counts, prefix, to, ...)
+    local from = redis.call('HGET', job, 'status')
+    local id = redis.call('HGET', job, 'id')
+    local owner = redis.call('HGET', job, 'owner')
+    redis.call('HSET', job, 'status', to, ...)
+    local index = prefix .. 'jobs-by-status:'
+    redis.call('ZREM', index .. from .. ':' .. owner, id)
+    redis.call('ZADD', index .. to .. ':' .. owner, 0, id)
+    redis.call('HINCRBY', counts, from, -1)
+    redis.call('HINCRBY', counts, to, 1)
+    if from == 'queued' or to == 'queued' then
+        local model = redis.call('HGET', job, '{MODEL_FIELD}') or '{DEFAULT_MODEL}'
+        local queued = prefix .. 'queued-by-model:' .. model
+        if from == 'queued' then redis.call('ZREM', queued, id) end
+        if to == 'queued' then redis.call('ZADD', queued, 0, id) end
+    end
+end
+"""
+
+# KEYS: job, owner index, owner's status index, counts, idempotency (or the job key again),
+# the model's queued index.
+# ARGV: id, status, has idempotency key (1/0), fingerprint, field, value, ...
+CREATE_JOB = """
+if ARGV[3] == '1' then
+    local found = redis.call('HMGET', KEYS[5], 'job_id', 'fingerprint')
+    if found[1] then
+        if found[2] ~= ARGV[4] then return {'conflict'} end
+        return {'existing', found[1]}
+    end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
+redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+if ARGV[2] == 'queued' then redis.call('ZADD', KEYS[6], 0, ARGV[1]) end
+if ARGV[3] == '1' then
+    redis.call('HSET', KEYS[5], 'job_id', ARGV[1], 'fingerprint', ARGV[4])
+end
+return {'created'}
+"""
+
+# KEYS: job, counts. ARGV: prefix, to, field, value, ...
+TRANSITION = (
+    f"local ALLOWED = {{{_ALLOWED_MOVES}}}\n"
+    + _MOVE
+    + """
+local from = redis.call('HGET', KEYS[1], 'status')
+if not from then return {'missing'} end
+if not ALLOWED[from .. '>' .. ARGV[2]] then return {'refused'} end
+move(KEYS[1], KEYS[2], ARGV[1], ARGV[2], unpack(ARGV, 3))
+return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
+"""
+)
+
+# KEYS: job, counts. ARGV: prefix, finished_at (JSON).
+REQUEST_CANCEL = (
+    _MOVE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing'} end
+if status == 'queued' then
+    move(KEYS[1], KEYS[2], ARGV[1], 'canceled', 'finished_at', ARGV[2])
+elseif status == 'running' then
+    redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+end
+return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
+"""
+)
+
+# KEYS: the model's queued index, counts.
+# ARGV: prefix, job id bound (exclusive), limit, error (JSON), finished_at (JSON).
+# Returns how many ids it looked at, then the ids it failed.
+FAIL_QUEUED = (
+    _MOVE
+    + """
+local ids = redis.call('ZRANGEBYLEX', KEYS[1], '-', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local reply = {#ids}
+for _, id in ipairs(ids) do
+    local job = ARGV[1] .. 'job:' .. id
+    if redis.call('HGET', job, 'status') == 'queued' then
+        move(job, KEYS[2], ARGV[1], 'failed', 'error', ARGV[4], 'finished_at', ARGV[5])
+        table.insert(reply, id)
+    else
+        redis.call('ZREM', KEYS[1], id)
+    end
+end
+return reply
+"""
+)
+
+# KEYS: job. ARGV: field, value, ...
+UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
+"""
+
+# KEYS: lease. ARGV: worker, ttl in ms.
+RENEW_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: worker.
+RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: key id list. ARGV: key hash prefix, id or name. Returns how many keys matched.
+REVOKE_KEY = """
+local matched = 0
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+    local key = ARGV[1] .. id
+    if id == ARGV[2] or redis.call('HGET', key, 'name') == ARGV[2] then
+        redis.call('HSET', key, 'revoked', '1')
+        matched = matched + 1
+    end
+end
+return matched
+"""
+
+# Workers' times use Redis' clock, so workers on machines whose clocks disagree still compare.
+_NOW = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+"""
+
+# KEYS: workers (worker → expiry), worker models (worker → "mini,mega"), models last served.
+# ARGV: worker, ttl in s, retention in s, announce (1/0), models (comma-separated).
+HEARTBEAT = (
+    _NOW
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if ARGV[4] == '1' then
+    redis.call('HSET', KEYS[2], ARGV[1], ARGV[5])
+    for model in string.gmatch(ARGV[5], '[^,]+') do redis.call('HSET', KEYS[3], model, now) end
+end
+local forgotten = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+for _, name in ipairs(forgotten) do redis.call('HDEL', KEYS[2], name) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+return 0
+"""
+)
+
+# KEYS: as HEARTBEAT's. ARGV: worker. Its models were served until now.
+WORKER_GONE = (
+    _NOW
+    + """
+local models = redis.call('HGET', KEYS[2], ARGV[1])
+if models then
+    for model in string.gmatch(models, '[^,]+') do redis.call('HSET', KEYS[3], model, now) end
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 0
+"""
+)
+
+# KEYS: workers, worker models. Returns the model lists of the live workers.
+SERVED_MODELS = (
+    _NOW
+    + """
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+if #live == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(live))
+"""
+)
+
+# KEYS: workers.
+WORKERS_ALIVE = _NOW + "return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')\n"
