@@ -1,9 +1,11 @@
-"""`dalle-farm api`: the REST API under gunicorn, with the backends DALLE_FARM_* describe.
+"""`dalle-farm api`: the REST API, with the backends DALLE_FARM_* describe.
 
     dalle-farm api --host 0.0.0.0 --port 8000 --workers 2
 
 Every request needs an API key (`dalle-farm keys create NAME`). The API never imports torch:
-it records jobs and sends their ids to the workers' queues.
+it records jobs and sends their ids to the workers' queues. The HTTP server is waitress,
+hardened against slow and malformed requests (api/server.py); its timeouts and limits are the
+DALLE_FARM_* settings in core/settings.py.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cli.main import CommandError
 
@@ -32,16 +33,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Add the ``api`` sub-parser."""
     parser = subparsers.add_parser(
         "api",
-        help="serve the REST API (gunicorn); configured by DALLE_FARM_* variables",
-        description="Serve the farm's REST API with gunicorn. Jobs go to Redis "
-        "(DALLE_FARM_REDIS_URL) for `dalle-farm worker` processes to render.",
+        help="serve the REST API; configured by DALLE_FARM_* variables",
+        description="Serve the farm's REST API. Jobs go to Redis (DALLE_FARM_REDIS_URL) for "
+        "`dalle-farm worker` processes to render.",
     )
     add_server_arguments(parser)
     parser.add_argument(
         "--workers",
         type=_positive_int,
         default=2,
-        help="gunicorn worker processes (default: %(default)s)",
+        help="server processes, each with its own request threads (default: %(default)s)",
     )
 
 
@@ -56,7 +57,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=_positive_int,
         default=8,
-        help="request threads per worker process (default: %(default)s)",
+        help="threads that run requests, per server process; a slow client holds none "
+        "(default: %(default)s)",
     )
 
 
@@ -88,10 +90,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def bind_address(host: str, port: int) -> str:
-    return f"[{host.strip('[]')}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def load_settings() -> Settings:
@@ -140,52 +138,31 @@ def check_services(settings: Settings) -> None:
         services.close()
 
 
-def run_gunicorn(
+def serve_api(
     load_app: Callable[[], Flask],
+    args: argparse.Namespace,
+    settings: Settings,
     *,
-    bind: str,
-    workers: int,
-    threads: int,
-    hooks: dict[str, Callable[..., Any]] | None = None,
+    processes: int = 1,
 ) -> int:
-    """Serve the app `load_app` builds (in each worker process) until gunicorn stops."""
-    from gunicorn.app.base import BaseApplication
+    """Serve the app `load_app` builds (in each server process) until SIGTERM or Ctrl-C."""
+    from api.server import ListenError, ServerConfig
+    from api.server import run as run_server
 
-    options: dict[str, Any] = {
-        "bind": [bind],
-        "workers": workers,
-        "worker_class": "gthread",
-        "threads": threads,
-        "accesslog": "-",
-        "errorlog": "-",
-        "timeout": 60,
-        "graceful_timeout": 20,
-        "proc_name": "dalle-farm-api",
-        # gunicorn's control socket has one default path per user: two servers would clash.
-        "control_socket_disable": True,
-        **(hooks or {}),
-    }
-
-    class Application(BaseApplication):
-        def load_config(self) -> None:
-            for name, value in options.items():
-                self.cfg.set(name, value)
-
-        def load(self) -> Flask:
-            return load_app()
-
-    arbiter_pid = os.getpid()
+    config = ServerConfig.from_settings(settings, threads=args.threads)
     try:
-        Application().run()
-    except SystemExit as exit_:
-        if os.getpid() != arbiter_pid:
-            raise  # a gunicorn worker process leaving: nothing of ours to do
-        return exit_.code if isinstance(exit_.code, int) else 1
-    return 0
+        return run_server(
+            load_app, host=args.host, port=args.port, config=config, processes=processes
+        )
+    except ListenError as error:
+        raise CommandError(error) from error
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve the API until SIGTERM or Ctrl-C; return the exit status."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s dalle-farm api[%(process)d]: %(message)s"
+    )
     settings = load_settings()
     if settings.is_embedded:
         log.warning(
@@ -194,9 +171,4 @@ def run(args: argparse.Namespace) -> int:
             settings.data_dir,
         )
     check_services(settings)
-    return run_gunicorn(
-        lambda: create_api_app(settings),
-        bind=bind_address(args.host, args.port),
-        workers=args.workers,
-        threads=args.threads,
-    )
+    return serve_api(lambda: create_api_app(settings), args, settings, processes=args.workers)

@@ -27,12 +27,11 @@ from pathlib import Path
 
 from cli.api import (
     add_server_arguments,
-    bind_address,
     check_services,
     create_api_app,
     is_loopback,
     load_settings,
-    run_gunicorn,
+    serve_api,
 )
 from cli.main import CommandError
 
@@ -87,8 +86,6 @@ class WorkerSupervisor:
             if not self.ready and self.ready_file.exists():
                 self.ready = True
                 log.info("the worker is ready")
-            # gunicorn's arbiter reaps every child, so the exit status may be lost (poll()
-            # then says 0); that the process is gone is what matters here.
             if self.process.poll() is None:
                 continue
             if self.stopping.is_set():
@@ -96,7 +93,7 @@ class WorkerSupervisor:
             if not self.ready:
                 log.error("the worker exited before it was ready; stopping")
                 self.failed = True
-                os.kill(os.getpid(), signal.SIGTERM)  # stops gunicorn's arbiter
+                os.kill(os.getpid(), signal.SIGTERM)  # stops the API server
                 return
             log.error("the worker exited; starting it again in %.0f s", RESTART_PAUSE_S)
             if self.stopping.wait(RESTART_PAUSE_S):
@@ -137,24 +134,15 @@ def run(args: argparse.Namespace) -> int:
         )
     check_services(settings)
 
-    # gunicorn forks its workers from this process, and they leave through this function too
-    # (SystemExit): only the process that started the worker may stop it and clean up.
-    main_pid = os.getpid()
     folder = Path(tempfile.mkdtemp(prefix="dalle-farm-serve-"))
     worker = WorkerSupervisor(folder / "worker.ready")
     try:
         worker.start()
-        status = run_gunicorn(
-            lambda: create_api_app(settings, anonymous_owner),
-            bind=bind_address(args.host, args.port),
-            workers=1,
-            threads=args.threads,
-            hooks={"on_exit": lambda server: worker.stop()},
-        )
+        # One server process: the worker and the SQLite store belong to this one.
+        status = serve_api(lambda: create_api_app(settings, anonymous_owner), args, settings)
     finally:
-        if os.getpid() == main_pid:
-            worker.stop()
-            shutil.rmtree(folder, ignore_errors=True)
+        worker.stop()
+        shutil.rmtree(folder, ignore_errors=True)
     if worker.failed:
         raise CommandError("the worker could not start; see its log above")
     return status

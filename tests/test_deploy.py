@@ -448,6 +448,26 @@ def test_compose_environment_is_valid_for_settings(service: str) -> None:
     assert any(volume.split(":")[1:] == ["/models", "ro"] for volume in volumes), volumes
 
 
+SERVER_ENV = (
+    "DALLE_FARM_REQUEST_TIMEOUT_S",
+    "DALLE_FARM_IDLE_TIMEOUT_S",
+    "DALLE_FARM_MAX_CONNECTIONS",
+    "DALLE_FARM_MAX_HEADER_BYTES",
+)
+
+
+def test_the_api_passes_its_http_server_settings() -> None:
+    """The API's port is published directly (no proxy), so its timeouts and limits must be
+    settable from .env; empty values keep core/settings.py's defaults."""
+    missing = [name for name in SERVER_ENV if name not in environment("api")]
+    assert not missing, f"the api service does not set {missing}"
+    env = resolved_environment("api", env_example_values())
+    defaults = {name: value for name, value in env.items() if name not in SERVER_ENV}
+    assert Settings.from_env(env) == Settings.from_env(defaults)
+    variables = env_example_values() | {"DALLE_FARM_REQUEST_TIMEOUT_S": "12"}
+    assert Settings.from_env(resolved_environment("api", variables)).request_timeout_s == 12
+
+
 def test_a_gpu_node_can_point_the_worker_at_another_host() -> None:
     variables = env_example_values() | {
         "DALLE_FARM_REDIS_URL": "redis://:secret@head.internal:6379/0",
