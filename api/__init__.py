@@ -8,6 +8,9 @@ shows their records; workers do the rendering.
     job_json.py   a JobRecord as the API shows it
     health.py     /healthz and /readyz
     metrics.py    /metrics (Prometheus), read from the store at scrape time
-    openapi.py    the OpenAPI 3.1 document at /openapi.json
+    operations.py what each route accepts and answers (for the generated document)
+    openapi.py    the OpenAPI 3.1 document at /openapi.json, generated from the app
+    docs.py       /docs: Swagger UI, served from the farm
+    server.py     the HTTP server (waitress); protocol.py, its limits and problem answers
     problems.py   every error as RFC 9457 application/problem+json
 """

@@ -1,8 +1,7 @@
 """The Flask app factory.
 
     create_app(settings, store=..., storage=..., queue=...)   tests and the embedded `serve`
-    create_app_from_env()                                      gunicorn:
-        gunicorn 'api.app:create_app_from_env()'
+    create_app_from_env()                                      `dalle-farm api` (api.server)
 
 One Settings object, read once, and the backends are passed in; nothing is global, so several
 apps (tests) live side by side in one process. Torch is never imported here.
@@ -17,13 +16,14 @@ from typing import TYPE_CHECKING
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
-from api import health, metrics, openapi, routes
+from api import docs, health, metrics, openapi, operations, routes
 from api.problems import register_error_handlers
 from api.services import Services, ServicesBuilder, services_from_settings
 from core.queue import JobQueue
 from core.settings import Settings
 from core.storage import Storage
 from core.store import JobStore
+from core.unserved import UnservedJobSweeper
 
 if TYPE_CHECKING:
     from model.tokenizer import TextTokenizer
@@ -53,16 +53,25 @@ def create_app(
     services = Services(store=store, storage=storage, queue=queue, tokenizer=tokenizer)
     app = Flask(__name__, static_folder=None)
     app.json = _JSONProvider(app)
-    app.config["MAX_CONTENT_LENGTH"] = routes.MAX_BODY_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = operations.MAX_BODY_BYTES
     # For whoever runs the app (the embedded `serve`, tests) to reach and close the backends.
     app.extensions["dalle_farm"] = services
     register_error_handlers(app)
     app.register_blueprint(routes.create_blueprint(settings, services, anonymous_owner))
     app.register_blueprint(health.create_blueprint(services))
     app.register_blueprint(metrics.create_blueprint(services))
-    app.register_blueprint(
-        openapi.create_blueprint(settings, anonymous=anonymous_owner is not None)
-    )
+    app.register_blueprint(openapi.create_blueprint())
+    app.register_blueprint(docs.create_blueprint())
+    operations.declare_other_routes(app)
+    openapi.install(app, settings, anonymous=anonymous_owner is not None)
+    # Jobs whose model lost its last worker fail on time even when no worker at all is alive
+    # to sweep them: every API process sweeps too, at most every few seconds.
+    sweeper = UnservedJobSweeper(store, settings.unserved_job_timeout_s)
+
+    @app.before_request
+    def sweep_unserved_jobs() -> None:
+        sweeper.maybe()  # never raises; returns None so the request goes on
+
     return app
 
 

@@ -1,4 +1,5 @@
-"""/healthz (the process answers) and /readyz (its store, storage and queue answer too).
+"""/healthz (the process answers) and /readyz (its store, storage and queue answer too, and a
+live worker serves a model, so that a job submitted now is taken).
 
 Neither needs an API key: load balancers and orchestrators call them.
 """
@@ -23,6 +24,7 @@ def create_blueprint(services: Services) -> Blueprint:
         "store": services.store.check,
         "storage": services.storage.check,
         "queue": services.queue.check,
+        "workers": lambda: _check_workers(services),
     }
 
     @blueprint.get("/healthz")
@@ -32,7 +34,8 @@ def create_blueprint(services: Services) -> Blueprint:
 
     @blueprint.get("/readyz")
     def readyz() -> Response:
-        """200 when every backend answers its check, else 503 naming each that failed."""
+        """200 when every backend answers its check and some worker serves a model, else 503
+        naming each check that failed."""
         results: dict[str, str] = {}
         for name, check in checks.items():
             try:
@@ -54,3 +57,11 @@ def create_blueprint(services: Services) -> Blueprint:
         return jsonify({"status": "ok", "checks": results})
 
     return blueprint
+
+
+def _check_workers(services: Services) -> None:
+    if not services.store.served_models():
+        # Until one announces (once its model is loaded), every submit would be refused (422).
+        raise RuntimeError(
+            "no live worker serves a model yet; a worker announces its model once loaded"
+        )

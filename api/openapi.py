@@ -1,383 +1,267 @@
-"""The OpenAPI 3.1 document of the API, served at GET /openapi.json.
+"""The OpenAPI 3.1 document, generated from the app itself, served at GET /openapi.json.
 
-Written by hand, from the same constants the views use; tests/test_api.py checks that it names
-every route and method Flask serves, and nothing else.
+Nothing here is written twice: each route is added with `add_route` and the `Operation` that
+says what it accepts and answers (api.operations), the schemas are the contract's pydantic
+models (core.contract), and `openapi_document` walks the app's url_map, so a route without an
+Operation fails the app's creation instead of going undocumented. Per app: JobParams carries
+the farm's DALLE_FARM_MAX_GRID_SIZE, and with an anonymous owner (the embedded `serve` on
+loopback) there is no security scheme and no 401.
+
+The generator adds what every route shares: 401 (with WWW-Authenticate) to keyed routes when
+keys are on, Retry-After to every 503, Accept-Post to a 415.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, Literal, cast
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Flask, Response, current_app, jsonify
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import models_json_schema
 
-from api.problems import PROBLEM_MIMETYPE, PROBLEM_TYPES, problem_type
-from api.routes import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, MAX_BODY_BYTES, MAX_IDEMPOTENCY_KEY_CHARS
-from core.job import (
-    MODELS,
-    PROGRESS_TOTAL,
-    SEED_MAX,
-    SEED_RANDOM,
-    SUPERCONDITION_FACTOR_RANGE,
-    TEMPERATURE_MAX,
-    TOP_K_MAX,
-    JobParams,
-    JobStatus,
-)
+from api.problems import PROBLEM_MIMETYPE
+from core.contract import Problem, params_model
 from core.settings import Settings
 
 _SCHEMAS = "#/components/schemas/"
+_OPERATIONS = "dalle_farm_operations"
+_DOCUMENT = "dalle_farm_openapi"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": _SCHEMAS + name}
+@dataclass(frozen=True)
+class Header:
+    """A response header."""
+
+    description: str
+    schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "string"})
+    required: bool = True
 
 
-def _json(schema_name: str, description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": _ref(schema_name)}},
-    }
+@dataclass(frozen=True)
+class Answer:
+    """A success answer: a JSON `model`, or other `content` (media type → schema)."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    content: Mapping[str, Mapping[str, Any]] | None = None
+    headers: Mapping[str, Header] = field(default_factory=dict)
+    links: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM_MIMETYPE: {"schema": _ref("Problem")}}}
+@dataclass(frozen=True)
+class Param:
+    """A path, query or header parameter; `schema` is a type pydantic can describe (an
+    Annotated type of the contract, say) or a JSON Schema."""
+
+    name: str
+    location: str
+    schema: Any
+    required: bool = False
+    description: str = ""
 
 
-_JOB_ID_PARAM = {
-    "name": "job_id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
-}
-_UNAUTHORIZED = _problem("No API key, or an unknown or revoked one.")
-_UNAVAILABLE = _problem("A backend (store, storage, queue) is unavailable; retry later.")
+@dataclass(frozen=True)
+class Operation:
+    """What one route and method accepts and answers. `problems`: status → when it happens
+    (401 is added for `keyed` routes when the app needs keys)."""
+
+    operation_id: str
+    summary: str
+    answers: Mapping[int, Answer]
+    problems: Mapping[int, str] = field(default_factory=dict)
+    parameters: tuple[Param, ...] = ()
+    body: type[BaseModel] | None = None
+    body_description: str = ""
+    description: str = ""
+    keyed: bool = False
 
 
-def openapi_document(settings: Settings, *, anonymous: bool = False) -> dict[str, Any]:
-    """The document for an app built with `settings`; `anonymous`: no API key is needed."""
-    defaults = JobParams(text="")
-    low_factor, high_factor = SUPERCONDITION_FACTOR_RANGE
-    job_params: dict[str, Any] = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["text"],
-        "properties": {
-            "text": {"type": "string", "minLength": 1, "maxLength": 1000},
-            "seed": {
-                "type": "integer",
-                "minimum": SEED_RANDOM,
-                "maximum": SEED_MAX,
-                "default": defaults.seed,
-                "description": "0 or -1: random; the job records the seed it used.",
-            },
-            "grid_size": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": settings.max_grid_size,
-                "default": defaults.grid_size,
-                "description": "Renders grid_size² images.",
-            },
-            "is_seamless": {"type": "boolean", "default": defaults.is_seamless},
-            "temperature": {
-                "type": "number",
-                "exclusiveMinimum": 0,
-                "maximum": TEMPERATURE_MAX,
-                "default": defaults.temperature,
-            },
-            "top_k": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": TOP_K_MAX,
-                "default": defaults.top_k,
-            },
-            "supercondition_factor": {
-                "type": "number",
-                "minimum": low_factor,
-                "maximum": high_factor,
-                "default": defaults.supercondition_factor,
-            },
-            "model": {"enum": list(MODELS), "default": defaults.model},
-            "progressive_outputs": {
-                "type": "boolean",
-                "default": defaults.progressive_outputs,
-                "description": "Also keep intermediate frames (result.previews).",
-            },
-        },
-    }
-    file_ref = {
-        "type": "object",
-        "required": ["url", "key"],
-        "properties": {
-            "url": {
-                "type": "string",
-                "description": "A presigned S3 URL, or /v1/files/{key} (needs the API key).",
-            },
-            "key": {"type": "string"},
-        },
-    }
-    nullable_string = {"type": ["string", "null"]}
-    job: dict[str, Any] = {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
-            "status": {"enum": [status.value for status in JobStatus]},
-            "progress": {
-                "type": "object",
-                "properties": {
-                    "step": {"type": "integer", "minimum": 0},
-                    "total": {"type": "integer", "default": PROGRESS_TOTAL},
-                },
-            },
-            "params": {**job_params, "required": list(job_params["properties"])},
-            "created_at": {"type": "string", "format": "date-time"},
-            "started_at": nullable_string,
-            "finished_at": nullable_string,
-            "worker": nullable_string,
-            "error": nullable_string,
-            "attempts": {"type": "integer", "minimum": 0},
-            "cancel_requested": {"type": "boolean"},
-            "result": {
-                "oneOf": [
-                    {"type": "null"},
-                    {
-                        "type": "object",
-                        "properties": {
-                            "grid": {"oneOf": [{"type": "null"}, _ref("File")]},
-                            "images": {"type": "array", "items": _ref("File")},
-                            "previews": {"type": "array", "items": _ref("File")},
-                        },
-                    },
-                ]
-            },
-            "warnings": {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": "Only in POST answers: e.g. the text is too long for the model.",
-            },
-        },
-    }
-    # Every field but warnings is in every job answer.
-    job["required"] = [name for name in job["properties"] if name != "warnings"]
-    problem = {
-        "type": "object",
-        "required": ["type", "title", "status", "detail"],
-        "properties": {
-            "type": {
-                "type": "string",
-                "description": "about:blank, or one of: "
-                + ", ".join(problem_type(slug) for slug in PROBLEM_TYPES),
-            },
-            "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "detail": {"type": "string", "description": "What happened and what to do."},
-            "errors": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["field", "message"],
-                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
-                },
-            },
-            "checks": {
-                "type": "object",
-                "additionalProperties": {"type": "string"},
-                "description": "readyz only: 'ok' or the failure, per backend.",
-            },
-        },
-    }
+def declare(app: Flask, endpoint: str, operation: Operation) -> None:
+    """Say what the route of `endpoint` does (for routes added without add_route)."""
+    app.extensions.setdefault(_OPERATIONS, {})[endpoint] = operation
 
-    jobs_paths = {
-        "/v1/jobs": {
-            "post": {
-                "operationId": "submitJob",
-                "summary": "Submit a job",
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "schema": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY_CHARS},
-                        "description": "The same key and body return the first job.",
-                    }
-                ],
-                "requestBody": {
-                    "required": True,
-                    "description": f"At most {MAX_BODY_BYTES // 1024} KiB.",
-                    "content": {"application/json": {"schema": _ref("JobParams")}},
-                },
-                "responses": {
-                    "202": {
-                        **_json("Job", "Queued; Location names the job."),
-                        "headers": {"Location": {"schema": {"type": "string"}}},
-                    },
-                    "200": _json("Job", "An idempotent repeat: the job the key first made."),
-                    "400": _problem("Invalid JSON or Idempotency-Key."),
-                    "401": _UNAUTHORIZED,
-                    "409": _problem("The Idempotency-Key was used with another body."),
-                    "413": _problem(f"The body is over {MAX_BODY_BYTES // 1024} KiB."),
-                    "415": _problem("The body is not application/json."),
-                    "422": _problem("Invalid parameters; `errors` lists each field."),
-                    "503": _UNAVAILABLE,
-                },
-            },
-            "get": {
-                "operationId": "listJobs",
-                "summary": "The caller's jobs, newest first",
-                "parameters": [
-                    {"name": "status", "in": "query", "schema": job["properties"]["status"]},
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {
-                            "type": "integer",
-                            "minimum": 1,
-                            "maximum": LIST_LIMIT_MAX,
-                            "default": LIST_LIMIT_DEFAULT,
-                        },
-                    },
-                ],
-                "responses": {
-                    "200": _json("JobList", "A page of jobs."),
-                    "400": _problem("Invalid status, cursor or limit, or an unknown parameter."),
-                    "401": _UNAUTHORIZED,
-                    "503": _UNAVAILABLE,
-                },
-            },
-        },
-        "/v1/jobs/{job_id}": {
-            "parameters": [_JOB_ID_PARAM],
-            "get": {
-                "operationId": "getJob",
-                "summary": "A job, with its progress and result URLs",
-                "responses": {
-                    "200": _json("Job", "The job."),
-                    "401": _UNAUTHORIZED,
-                    "404": _problem("No such job for this API key."),
-                    "503": _UNAVAILABLE,
-                },
-            },
-            "delete": {
-                "operationId": "cancelJob",
-                "summary": "Cancel a job",
-                "description": "A queued job is canceled at once; a running one stops at its "
-                "worker's next decoder step (cancel_requested). Canceling a canceled job "
-                "answers 200; a succeeded or failed one, 409.",
-                "responses": {
-                    "202": _json("Job", "Canceled, or cancellation requested."),
-                    "200": _json("Job", "The job was already canceled."),
-                    "401": _UNAUTHORIZED,
-                    "404": _problem("No such job for this API key."),
-                    "409": _problem("The job already succeeded or failed."),
-                    "503": _UNAVAILABLE,
-                },
-            },
-        },
-        "/v1/files/{key}": {
-            "get": {
-                "operationId": "getFile",
-                "summary": "A result file, when results are kept on local disk",
-                "parameters": [
-                    {
-                        "name": "key",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "string"},
-                        "description": "jobs/{job_id}/..., as in a job's result.",
-                    }
-                ],
-                "responses": {
-                    "200": {
-                        "description": "The file.",
-                        "content": {"image/png": {}, "application/octet-stream": {}},
-                    },
-                    "401": _UNAUTHORIZED,
-                    "404": _problem("No such file for this API key, or results are in S3."),
-                },
-            },
-        },
-    }
-    open_paths = {
-        "/healthz": {
-            "get": {
-                "operationId": "healthz",
-                "summary": "The process is up",
-                "security": [],
-                "responses": {"200": {"description": '{"status": "ok"}'}},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "operationId": "readyz",
-                "summary": "The store, storage and queue answer",
-                "security": [],
-                "responses": {
-                    "200": {"description": 'Ready: {"status": "ok", "checks": {...}}'},
-                    "503": _problem("Not ready; `checks` says which backend failed and why."),
-                },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "operationId": "metrics",
-                "summary": "Prometheus metrics",
-                "security": [],
-                "responses": {"200": {"description": "Prometheus text exposition."}},
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "operationId": "openapi",
-                "summary": "This document",
-                "security": [],
-                "responses": {"200": {"description": "OpenAPI 3.1."}},
-            }
-        },
-    }
-    return {
+
+def add_route(
+    blueprint: Blueprint,
+    rule: str,
+    method: str,
+    view: Callable[..., Any],
+    operation: Operation,
+) -> None:
+    """Add a route to `blueprint` together with its Operation."""
+    endpoint = getattr(view, "__name__", operation.operation_id)
+    blueprint.add_url_rule(rule, endpoint=endpoint, view_func=view, methods=[method])
+    blueprint.record(
+        lambda state: declare(cast(Flask, state.app), f"{state.name}.{endpoint}", operation)
+    )
+
+
+def create_blueprint() -> Blueprint:
+    """GET /openapi.json: the document `install` generated for this app."""
+    blueprint = Blueprint("openapi", __name__)
+
+    @blueprint.get("/openapi.json")
+    def openapi() -> Response:
+        return jsonify(current_app.extensions[_DOCUMENT])
+
+    return blueprint
+
+
+def install(app: Flask, settings: Settings, *, anonymous: bool) -> None:
+    """Generate the app's document, once every route is added; raises LookupError naming a
+    route that has no Operation."""
+    app.extensions[_DOCUMENT] = openapi_document(app, settings, anonymous=anonymous)
+
+
+def openapi_document(app: Flask, settings: Settings, *, anonymous: bool) -> dict[str, Any]:
+    """The document of `app`'s routes, as built with `settings`."""
+    declared: dict[str, Operation] = app.extensions.get(_OPERATIONS, {})
+    request_params = params_model(settings.max_grid_size)
+    operations: list[tuple[str, str, Operation]] = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint not in declared:
+            raise LookupError(f"the route {rule.rule} ({rule.endpoint}) has no Operation")
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            operations.append((_openapi_path(rule.rule), method.lower(), declared[rule.endpoint]))
+
+    models: set[type[BaseModel]] = {Problem}
+    for _, _, operation in operations:
+        models.update(answer.model for answer in operation.answers.values() if answer.model)
+    mode: Literal["serialization"] = "serialization"
+    pairs = [(model, mode) for model in sorted(models, key=lambda m: m.__name__)]
+    _, definitions = models_json_schema(pairs, ref_template=_SCHEMAS + "{model}")
+    schemas = definitions.get("$defs", {})
+    # The request's JobParams, with this farm's limits; a job's params are within them too.
+    schemas["JobParams"] = request_params.model_json_schema(ref_template=_SCHEMAS + "{model}")
+
+    paths: dict[str, dict[str, Any]] = {}
+    for path, method, operation in operations:
+        paths.setdefault(path, {})[method] = _operation(operation, anonymous)
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "dalle-farm",
             "version": "1",
-            "description": "A render farm for DALL·E Mini/Mega text-to-image. Every error is "
-            "application/problem+json (RFC 9457).",
+            "description": "A render farm for DALL·E Mini/Mega text-to-image: submit a job, poll "
+            "it, fetch its images. Every error is application/problem+json (RFC 9457) with a "
+            "detail that says what to change. Human-readable docs: /docs.",
         },
-        "security": [] if anonymous else [{"apiKey": []}],
-        "paths": {**jobs_paths, **open_paths},
-        "components": {
-            "securitySchemes": {
-                "apiKey": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "An API key: Authorization: Bearer <key>.",
-                }
-            },
-            "schemas": {
-                "JobParams": job_params,
-                "Job": job,
-                "File": file_ref,
-                "JobList": {
-                    "type": "object",
-                    "required": ["jobs", "next_cursor"],
-                    "properties": {
-                        "jobs": {"type": "array", "items": _ref("Job")},
-                        "next_cursor": {
-                            "type": ["string", "null"],
-                            "description": "Pass as cursor for the next page; null: no more.",
-                        },
-                    },
-                },
-                "Problem": problem,
-            },
-        },
+        "paths": dict(sorted(paths.items())),
+        "components": {"schemas": dict(sorted(schemas.items()))},
+    }
+    if not anonymous:
+        document["security"] = [{"apiKey": []}]
+        document["components"]["securitySchemes"] = {
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An API key: 'Authorization: Bearer <key>' (the farm's operator "
+                "creates keys with `dalle-farm keys create NAME`).",
+            }
+        }
+    return document
+
+
+_RULE_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+def _openapi_path(rule: str) -> str:
+    """/v1/jobs/<job_id> → /v1/jobs/{job_id}; converters (<path:key>) are dropped."""
+    return _RULE_ARGUMENT.sub(r"{\1}", rule)
+
+
+def _operation(operation: Operation, anonymous: bool) -> dict[str, Any]:
+    problems = dict(operation.problems)
+    if operation.keyed and not anonymous:
+        problems[HTTPStatus.UNAUTHORIZED] = "No API key, or an unknown or revoked one."
+    responses: dict[str, Any] = {}
+    for status, answer in sorted(operation.answers.items()):
+        responses[str(status)] = _answer(answer)
+    for status, when in sorted(problems.items()):
+        responses[str(int(status))] = _problem(int(status), when)
+    item: dict[str, Any] = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+    }
+    if operation.description:
+        item["description"] = operation.description
+    if operation.parameters:
+        item["parameters"] = [_parameter(param) for param in operation.parameters]
+    if operation.body is not None:
+        item["requestBody"] = {
+            "required": True,
+            "description": operation.body_description,
+            "content": {"application/json": {"schema": {"$ref": _SCHEMAS + "JobParams"}}},
+        }
+    if not operation.keyed:
+        item["security"] = []
+    item["responses"] = responses
+    return item
+
+
+def _schema(schema: Any) -> dict[str, Any]:
+    if isinstance(schema, Mapping):
+        return dict(schema)
+    return TypeAdapter(schema).json_schema(ref_template=_SCHEMAS + "{model}")
+
+
+def _parameter(param: Param) -> dict[str, Any]:
+    schema = _schema(param.schema)
+    parameter: dict[str, Any] = {
+        "name": param.name,
+        "in": param.location,
+        "required": param.required or param.location == "path",
+    }
+    description = param.description or schema.pop("description", "")
+    if description:
+        parameter["description"] = description
+    schema.pop("examples", None)
+    parameter["schema"] = schema
+    return parameter
+
+
+def _answer(answer: Answer) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": answer.description}
+    if answer.model is not None:
+        schema = {"$ref": _SCHEMAS + answer.model.__name__}
+        response["content"] = {"application/json": {"schema": schema}}
+    elif answer.content is not None:
+        response["content"] = {media: dict(schema) for media, schema in answer.content.items()}
+    if answer.headers:
+        response["headers"] = {name: _header(header) for name, header in answer.headers.items()}
+    if answer.links:
+        response["links"] = {name: dict(link) for name, link in answer.links.items()}
+    return response
+
+
+def _header(header: Header) -> dict[str, Any]:
+    return {
+        "description": header.description,
+        "required": header.required,
+        "schema": dict(header.schema),
     }
 
 
-def create_blueprint(settings: Settings, *, anonymous: bool) -> Blueprint:
-    blueprint = Blueprint("openapi", __name__)
-    document = openapi_document(settings, anonymous=anonymous)
+# Headers the API sends with every problem of a status.
+_PROBLEM_HEADERS = {
+    HTTPStatus.UNAUTHORIZED: {
+        "WWW-Authenticate": Header('Bearer realm="dalle-farm", and the error if any.')
+    },
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: {"Accept-Post": Header("application/json")},
+    HTTPStatus.SERVICE_UNAVAILABLE: {
+        "Retry-After": Header(
+            "Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}
+        )
+    },
+}
 
-    @blueprint.get("/openapi.json")
-    def openapi() -> Response:
-        return jsonify(document)
 
-    return blueprint
+def _problem(status: int, when: str) -> dict[str, Any]:
+    answer = Answer(when, headers=_PROBLEM_HEADERS.get(HTTPStatus(status), {}))
+    response = _answer(answer)
+    response["content"] = {PROBLEM_MIMETYPE: {"schema": {"$ref": _SCHEMAS + "Problem"}}}
+    return response

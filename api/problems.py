@@ -21,7 +21,9 @@ from typing import Any
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from core.job import FieldError
+from core.contract import FieldError
+from core.contract import Problem as ProblemBody
+from core.job import encodable
 from core.storage import StorageUnavailable
 from core.store import StoreUnavailable
 
@@ -33,6 +35,7 @@ _TYPE_PREFIX = "tag:dalle-farm,2024:problems/"
 # slug → title; the type URI is _TYPE_PREFIX + slug.
 PROBLEM_TYPES = {
     "invalid-params": "The job parameters are not valid",
+    "model-not-served": "No live worker serves the model",
     "invalid-request": "The request is not valid",
     "idempotency-conflict": "The Idempotency-Key was used with another body",
     "job-finished": "The job has already finished",
@@ -75,18 +78,17 @@ class Problem(Exception):
         self.extensions = dict(extensions or {})
 
     def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "type": self.type,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-        }
-        if self.errors:
-            body["errors"] = [
-                {"field": error.field, "message": error.message} for error in self.errors
-            ]
-        body.update(self.extensions)
-        return body
+        """The body, as the contract's Problem (fields without a value are left out)."""
+        errors = [FieldError(encodable(e.field), encodable(e.message)) for e in self.errors]
+        body = ProblemBody(
+            type=self.type,
+            title=self.title,
+            status=int(self.status),
+            detail=encodable(self.detail),
+            errors=errors,
+            **self.extensions,
+        )
+        return body.model_dump(mode="json")
 
 
 def problem_response(problem: Problem) -> Response:

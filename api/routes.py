@@ -16,15 +16,27 @@ import difflib
 import json
 import logging
 import mimetypes
+import re
 from http import HTTPStatus
 from typing import Any, NoReturn
 
 from flask import Blueprint, Response, jsonify, request
+from pydantic import TypeAdapter, ValidationError
 
+from api import operations
 from api.auth import current_owner, require_owner
-from api.job_json import job_json
+from api.job_json import job_json, job_page_json
+from api.openapi import add_route
 from api.problems import Problem, redact, unavailable
 from api.services import Services
+from core.contract import (
+    IDEMPOTENCY_KEY_MAX_CHARS,
+    PAGE_LIMIT_DEFAULT,
+    PAGE_LIMIT_MAX,
+    Cursor,
+    IdempotencyKey,
+    PageLimit,
+)
 from core.job import (
     FieldError,
     InvalidParams,
@@ -46,11 +58,12 @@ from core.store import IdempotencyConflict, JobNotFound
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024
-MAX_IDEMPOTENCY_KEY_CHARS = 255
-LIST_LIMIT_DEFAULT = 50
-LIST_LIMIT_MAX = 100
 LIST_QUERY_FIELDS = ("status", "cursor", "limit")
+_QUERY_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+# The checks the OpenAPI document describes, from the same contract types.
+_IDEMPOTENCY_KEY: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
+_CURSOR: TypeAdapter[str] = TypeAdapter(Cursor)
+_PAGE_LIMIT: TypeAdapter[int] = TypeAdapter(PageLimit)
 
 
 def create_blueprint(
@@ -60,11 +73,11 @@ def create_blueprint(
     blueprint = Blueprint("v1", __name__, url_prefix="/v1")
     require_owner(blueprint, services.store, anonymous_owner)
     views = JobViews(settings, services)
-    blueprint.add_url_rule("/jobs", view_func=views.submit_job, methods=["POST"])
-    blueprint.add_url_rule("/jobs", view_func=views.list_jobs, methods=["GET"])
-    blueprint.add_url_rule("/jobs/<job_id>", view_func=views.get_job, methods=["GET"])
-    blueprint.add_url_rule("/jobs/<job_id>", view_func=views.cancel_job, methods=["DELETE"])
-    blueprint.add_url_rule("/files/<path:key>", view_func=views.get_file, methods=["GET"])
+    add_route(blueprint, "/jobs", "POST", views.submit_job, operations.SUBMIT_JOB)
+    add_route(blueprint, "/jobs", "GET", views.list_jobs, operations.LIST_JOBS)
+    add_route(blueprint, "/jobs/<job_id>", "GET", views.get_job, operations.GET_JOB)
+    add_route(blueprint, "/jobs/<job_id>", "DELETE", views.cancel_job, operations.CANCEL_JOB)
+    add_route(blueprint, "/files/<path:key>", "GET", views.get_file, operations.GET_FILE)
     return blueprint
 
 
@@ -89,6 +102,7 @@ class JobViews:
                 slug="invalid-params",
                 errors=error.errors,
             ) from None
+        self._require_served(params.model)
         record = JobRecord(
             id=new_job_id(),
             owner=current_owner(),
@@ -109,16 +123,29 @@ class JobViews:
             ) from None
         if created:
             self._enqueue(job)
-        body = job_json(job, self.storage)
-        warnings = self._warnings(params)
-        if warnings:
-            body["warnings"] = warnings
-        response = jsonify(body)
+        response = jsonify(job_json(job, self.storage, warnings=self._warnings(params)))
         response.status_code = HTTPStatus.ACCEPTED if created else HTTPStatus.OK
         response.headers["Location"] = f"/v1/jobs/{job.id}"
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
         return response
+
+    def _require_served(self, model: str) -> None:
+        """422 unless a live worker serves `model`: a job no worker would take is refused now
+        rather than left waiting (workers announce their models; see core/unserved.py)."""
+        served = self.store.served_models()
+        if model in served:
+            return
+        message = (
+            f"no worker serves model {model!r} now (served: {', '.join(sorted(served)) or 'none'});"
+            f" ask for a model that is served, or start a worker with DALLE_FARM_MODEL={model}"
+        )
+        raise Problem(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            message,
+            slug="model-not-served",
+            errors=[FieldError("model", message)],
+        )
 
     def _enqueue(self, job: JobRecord) -> None:
         try:
@@ -177,12 +204,8 @@ class JobViews:
             )
         except ValueError as error:
             raise _invalid_request([_bad_cursor(str(error))]) from None
-        return jsonify(
-            {
-                "jobs": [job_json(job, self.storage) for job in jobs],
-                "next_cursor": _encode_cursor(store_cursor) if store_cursor is not None else None,
-            }
-        )
+        next_cursor = _encode_cursor(store_cursor) if store_cursor is not None else None
+        return jsonify(job_page_json(jobs, next_cursor, self.storage))
 
     def get_file(self, key: str) -> Response:
         """GET /v1/files/{key}: a result file of the caller's job, when results are on local
@@ -244,17 +267,20 @@ def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS or not key.isascii() or not key.isprintable():
+    try:
+        return _IDEMPOTENCY_KEY.validate_python(key, strict=True)
+    except ValidationError:
         message = (
-            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII "
-            f"characters (a UUID, say), got {len(key)} characters"
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} printable ASCII "
+            f"characters, not starting or ending with a space (a UUID, say), got {len(key)} "
+            "characters"
         )
-        raise _invalid_request([FieldError("Idempotency-Key", message)])
-    return key
+        raise _invalid_request([FieldError("Idempotency-Key", message)]) from None
 
 
 def _json_body() -> Any:
-    if not request.is_json:
+    # Exactly application/json (any charset), the one media type the document names.
+    if request.mimetype != "application/json":
         got = request.mimetype or "no Content-Type"
         message = f"the body must be JSON sent with 'Content-Type: application/json', got {got}"
         raise Problem(
@@ -289,6 +315,7 @@ def _decode_cursor(cursor: str) -> str:
     if not cursor:
         raise ValueError("it is empty; omit cursor for the first page")
     try:
+        _CURSOR.validate_python(cursor, strict=True)  # the document's pattern
         padded = cursor + "=" * (-len(cursor) % 4)
         fields = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
         store_cursor = fields["after"]
@@ -331,16 +358,21 @@ def _list_query() -> tuple[JobStatus | None, str | None, int]:
             cursor = _decode_cursor(args["cursor"])
         except ValueError as error:
             errors.append(_bad_cursor(str(error)))
-    limit = LIST_LIMIT_DEFAULT
+    limit = PAGE_LIMIT_DEFAULT
     if "limit" in args:
         raw = args["limit"]
-        if raw.isascii() and raw.isdigit() and len(raw) <= 3 and 1 <= int(raw) <= LIST_LIMIT_MAX:
-            limit = int(raw)
-        else:
+        try:
+            # A JSON number, as the document's integer schema reads it (5 or 5.0, not 5.5),
+            # and nothing int() or float() would also take (" 5", "1_0", "nan").
+            if not (len(raw) <= 32 and _QUERY_NUMBER.fullmatch(raw)):
+                raise ValueError(raw)
+            number = json.loads(raw)
+            limit = _PAGE_LIMIT.validate_python(number, strict=True)
+        except ValueError:  # pydantic's ValidationError is one
             errors.append(
                 FieldError(
                     "limit",
-                    f"limit must be an integer from 1 to {LIST_LIMIT_MAX}, got {raw[:40]!r}",
+                    f"limit must be an integer from 1 to {PAGE_LIMIT_MAX}, got {raw[:40]!r}",
                 )
             )
     if errors:

@@ -7,7 +7,8 @@
 
 Torch-, Flask-, Celery- and boto3-free: it talks HTTP with requests.
 
-    http.py      FarmClient, Job, FileRef: the API's calls, with timeouts, retries, idempotency
+    http.py      FarmClient: the API's calls, with timeouts, retries, idempotency
+    jobs.py      Job and FileRef: the answers, checked against core.contract
     errors.py    the errors it raises (FarmError and its tree)
     rows.py      bulk input: prompt files (.txt, .csv, .jsonl) → rows → planned jobs
     dataset.py   bulk output: the folder's state, webdataset shards or files, the manifest

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from client.http import Job
+from client.jobs import Job
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@
         job = farm.wait(job.id)
         png = farm.download(job.images[0])
 
-Every request has a timeout. Answers 429 and 5xx, refused or cut connections and timeouts are
-retried with exponential backoff and jitter, up to `max_retries` times, waiting what a
+Every request has a timeout. Answers 408, 429 and 5xx, refused or cut connections and timeouts
+are retried with exponential backoff and jitter, up to `max_retries` times, waiting what a
 Retry-After header asks for when there is one. That is safe for every call: reads and cancel
 are idempotent, and each submit carries an Idempotency-Key (a new UUID unless the caller gives
 one), the same on every retry, so a POST whose answer was lost never creates a second job.
@@ -23,13 +23,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+from pydantic import ValidationError
 
 from client.errors import (
     FarmError,
@@ -40,70 +40,14 @@ from client.errors import (
     WaitTimeout,
     api_error,
 )
+from client.jobs import FileRef, Job
+
+__all__ = ["API_KEY_ENV", "SERVER_ENV", "FarmClient", "FileRef", "Job", "JobPage"]
 
 SERVER_ENV = "DALLE_FARM_SERVER"
 API_KEY_ENV = "DALLE_FARM_API_KEY"
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-FINISHED_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 USER_AGENT = "dalle-farm-client/0.1"
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """A result file: `url` to fetch it (presigned S3, or /v1/files/… on the API) and its
-    storage `key` (jobs/{id}/{i}.png), which does not expire."""
-
-    url: str
-    key: str
-
-
-@dataclass(frozen=True)
-class Job:
-    """A job as the API shows it; `raw` is the whole JSON."""
-
-    id: str
-    status: str
-    params: dict[str, Any]
-    progress_step: int = 0
-    progress_total: int = 0
-    created_at: str | None = None
-    started_at: str | None = None
-    finished_at: str | None = None
-    worker: str | None = None
-    error: str | None = None
-    attempts: int = 0
-    grid: FileRef | None = None
-    images: tuple[FileRef, ...] = ()
-    warnings: tuple[str, ...] = ()
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def is_finished(self) -> bool:
-        """Succeeded, failed or canceled: the status will not change again."""
-        return self.status in FINISHED_STATUSES
-
-    @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> Job:
-        result = body.get("result") or {}
-        progress = body.get("progress") or {}
-        grid = result.get("grid")
-        return cls(
-            id=str(body["id"]),
-            status=str(body["status"]),
-            params=dict(body.get("params") or {}),
-            progress_step=int(progress.get("step") or 0),
-            progress_total=int(progress.get("total") or 0),
-            created_at=body.get("created_at"),
-            started_at=body.get("started_at"),
-            finished_at=body.get("finished_at"),
-            worker=body.get("worker"),
-            error=body.get("error"),
-            attempts=int(body.get("attempts") or 0),
-            grid=FileRef(grid["url"], grid["key"]) if grid else None,
-            images=tuple(FileRef(image["url"], image["key"]) for image in result.get("images", ())),
-            warnings=tuple(body.get("warnings") or ()),
-            raw=dict(body),
-        )
 
 
 JobPage = tuple[list[Job], str | None]
@@ -159,11 +103,11 @@ class FarmClient:
         response = self._request(
             "POST", "/v1/jobs", json={"text": text, **settings}, headers={"Idempotency-Key": key}
         )
-        return Job.from_json(_json(response))
+        return _job(response)
 
     def get(self, job_id: str) -> Job:
         """The job as it is now."""
-        return Job.from_json(_json(self._request("GET", f"/v1/jobs/{job_id}")))
+        return _job(self._request("GET", f"/v1/jobs/{job_id}"))
 
     def wait(
         self,
@@ -199,7 +143,7 @@ class FarmClient:
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job (Conflict if it already succeeded or failed)."""
-        return Job.from_json(_json(self._request("DELETE", f"/v1/jobs/{job_id}")))
+        return _job(self._request("DELETE", f"/v1/jobs/{job_id}"))
 
     def list_page(
         self, *, status: str | None = None, cursor: str | None = None, limit: int = 50
@@ -210,8 +154,12 @@ class FarmClient:
             query["status"] = status
         if cursor is not None:
             query["cursor"] = cursor
-        body = _json(self._request("GET", "/v1/jobs", params=query))
-        return [Job.from_json(job) for job in body["jobs"]], body.get("next_cursor")
+        response = self._request("GET", "/v1/jobs", params=query)
+        page = _json(response)
+        jobs = page.get("jobs") if isinstance(page, dict) else None
+        if not isinstance(jobs, list):
+            raise _not_the_contract(response, "it has no list of jobs")
+        return [_job(response, job) for job in jobs], page.get("next_cursor")
 
     def list(self, *, status: str | None = None, page_size: int = 100) -> Iterator[Job]:
         """Every job of this key (with `status`, if given), newest first, page by page."""
@@ -327,8 +275,9 @@ class FarmClient:
 
 
 def is_retryable(status: int) -> bool:
-    """429 (too many requests) and 5xx are worth retrying; other errors would fail again."""
-    return status == 429 or status >= 500
+    """408 (the request did not arrive whole in time), 429 (too many requests) and 5xx are worth
+    retrying; other errors would fail again."""
+    return status in (408, 429) or status >= 500
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -345,6 +294,28 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         return None
     return max(when.timestamp() - time.time(), 0.0)
+
+
+def _job(response: requests.Response, body: Any = None) -> Job:
+    """The job in `response` (or `body`, one job of its page), checked against the contract."""
+    body = _json(response) if body is None else body
+    if not isinstance(body, dict):
+        raise _not_the_contract(response, "it is not a JSON object")
+    try:
+        return Job.from_json(body)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, detail['loc'])) or 'the job'}: {detail['msg']}"
+            for detail in error.errors(include_url=False)[:3]
+        )
+        raise _not_the_contract(response, problems) from None
+
+
+def _not_the_contract(response: requests.Response, why: str) -> FarmError:
+    return FarmError(
+        f"{response.request.method} {response.url.split('?', 1)[0]}: the answer is not a job "
+        f"of this client's API contract ({why}); is the server a farm of the same version?"
+    )
 
 
 def _json(response: requests.Response) -> Any:

@@ -1,9 +1,15 @@
-"""The job contract shared by the API and the workers: parameters, status, ids, records, keys.
+"""The job's life on the farm: untrusted bodies → params, status moves, ids, records, storage
+keys, token checkpoints.
 
-Torch-free and service-free (stdlib only), so the API can import it without loading the model.
+The models of what a client may send and what the API answers (JobParams, Job, the limits such
+as TEMPERATURE_MIN/TEMPERATURE_MAX, JobStatus) are the contract, core/contract.py; this module
+re-exports them for the modules that read both. `parse_params` validates a body with them and
+words pydantic's errors for people:
 
     InvalidParams(ValueError)   a request body is not valid JobParams; `.errors` lists every
                                 problem as a FieldError(field, message)
+
+Torch-free and service-free, so the API can import it without loading the model.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import random
 import re
 import secrets
@@ -21,45 +26,217 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from enum import Enum
 from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from core.contract import (
+    DEFAULT_MAX_GRID_SIZE,
+    FORBIDDEN_TEXT_CHARACTER,
+    GRID_SIZE_LIMIT,
+    MAX_TEXT_CHARS,
+    MODELS,
+    PARAM_FIELDS,
+    PROGRESS_TOTAL,
+    SEED_MAX,
+    SEED_MIN_FIXED,
+    SEED_RANDOM,
+    SUPERCONDITION_FACTOR_RANGE,
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
+    TERMINAL_STATUSES,
+    TEXT_TOKEN_COUNT,
+    TOP_K_MAX,
+    FieldError,
+    JobParams,
+    JobStatus,
+    params_model,
+)
 
 if TYPE_CHECKING:
     from model.tokenizer import TextTokenizer
 
-# ModelConfig.text_token_count for both presets; a copy, so this module needs no model import.
-TEXT_TOKEN_COUNT = 64
-# ModelConfig's IMAGE_TOKEN_COUNT: one progress step per decoded image token.
-PROGRESS_TOTAL = 256
-
-SEED_RANDOM = -1
-SEED_MAX = 2**31 - 1
-# As in the model (and min-dalle), a seed <= 0 means "random": -1 and 0 are both accepted and
-# replaced by a drawn seed from SEED_MIN_FIXED up, so the recorded seed always reproduces.
-SEED_MIN_FIXED = 1
-# Above 100 the distribution is uniform for all practical purposes; 0 would divide by zero.
-TEMPERATURE_MAX = 100.0
-# The VQGAN has 2**14 codes, so a larger top_k samples from the same set.
-TOP_K_MAX = 2**14
-# 0 ignores the text, 1 is plain conditioning, min-dalle's UI offered 4..64 (default 16);
-# past 128 the logits saturate and nothing changes but numerical trouble.
-SUPERCONDITION_FACTOR_RANGE = (0.0, 128.0)
-MODELS = ("mini", "mega")
-
-
-class JobStatus(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_STATUSES
+# The contract's names that modules reading job records import from here.
+__all__ = [
+    "DEFAULT_MAX_GRID_SIZE",
+    "GRID_SIZE_LIMIT",
+    "MAX_TEXT_CHARS",
+    "MODELS",
+    "PARAM_FIELDS",
+    "PROGRESS_TOTAL",
+    "SEED_MAX",
+    "SEED_MIN_FIXED",
+    "SEED_RANDOM",
+    "SUPERCONDITION_FACTOR_RANGE",
+    "TEMPERATURE_MAX",
+    "TEMPERATURE_MIN",
+    "TERMINAL_STATUSES",
+    "TEXT_TOKEN_COUNT",
+    "TOP_K_MAX",
+    "FieldError",
+    "JobParams",
+    "JobStatus",
+]
 
 
-TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+class InvalidParams(ValueError):
+    """A request body is not valid JobParams; `errors` lists every problem found."""
+
+    def __init__(self, errors: list[FieldError]):
+        super().__init__("; ".join(error.message for error in errors))
+        self.errors = errors
+
+
+def parse_params(
+    body: object,
+    *,
+    max_grid_size: int = DEFAULT_MAX_GRID_SIZE,
+    max_text_chars: int = MAX_TEXT_CHARS,
+) -> JobParams:
+    """Validate a decoded JSON body into JobParams, filling defaults.
+
+    Raises InvalidParams listing every error, not just the first, each naming its field.
+    """
+    if not isinstance(body, Mapping):
+        raise InvalidParams(
+            [FieldError("body", f"the body must be a JSON object, got {_describe(body)}")]
+        )
+    model = params_model(max_grid_size, max_text_chars)
+    # Unknown names are found here, not by pydantic: it stops at a name it cannot read (an
+    # unpaired surrogate) without saying which.
+    unknown = [
+        FieldError(encodable(str(name)), _unknown_field_message(name))
+        for name in body
+        if name not in model.model_fields
+    ]
+    known = {name: value for name, value in body.items() if name in model.model_fields}
+    try:
+        params = model.model_validate(known)
+    except ValidationError as error:
+        errors = unknown + _field_errors(known, error, model)
+        raise InvalidParams(
+            errors or [FieldError("body", "the body is not valid JobParams")]
+        ) from None
+    if unknown:
+        raise InvalidParams(unknown)
+    return params if type(params) is JobParams else JobParams.model_construct(**dict(params))
+
+
+def _field_errors(
+    body: Mapping[str, Any], error: ValidationError, model: type[JobParams]
+) -> list[FieldError]:
+    """One FieldError per bad field, in the model's field order."""
+    by_field: dict[str, FieldError] = {}
+    for detail in error.errors(include_url=False, include_context=False, include_input=False):
+        name = str(detail["loc"][0]) if detail["loc"] else ""
+        if name in model.model_fields and name not in by_field:
+            message = _message(name, detail["type"], body, model.model_fields[name])
+            by_field[name] = FieldError(name, message)
+    return [by_field[name] for name in model.model_fields if name in by_field]
+
+
+def _message(name: str, error_type: str, body: Mapping[Any, Any], field: FieldInfo) -> str:
+    if name == "text":
+        return _text_message(error_type, body.get("text"), field)
+    return f"{name} must be {_expected(name, field)}, got {_describe(body.get(name))}"
+
+
+def _text_message(error_type: str, text: object, field: FieldInfo) -> str:
+    if error_type == "missing":
+        return "text is required: the prompt to draw"
+    if not isinstance(text, str):
+        return f"text must be a string, got {_describe(text)}"
+    bad = FORBIDDEN_TEXT_CHARACTER.search(text)
+    if bad is not None:
+        return (
+            f"text must not hold control characters (but tab and line breaks) or unpaired "
+            f"surrogates; found U+{ord(bad.group()):04X} at character {bad.start() + 1}"
+        )
+    if not text.strip():
+        return "text must not be blank"
+    return f"text must be at most {_bound(field, 'max_length')} characters, got {len(text)}"
+
+
+_HINTS = {"seed": " (0 or -1: random)"}
+
+
+def _expected(name: str, field: FieldInfo) -> str:
+    """What a field accepts, in words, from its type and bounds."""
+    if field.annotation is bool:
+        return "true or false"
+    if name == "model":
+        return " or ".join(f'"{model}"' for model in MODELS)
+    low, high = (_number(_bound(field, bound)) for bound in ("ge", "le"))
+    kind = "a number" if field.annotation is float else "an integer"
+    return f"{kind} from {low} to {high}{_HINTS.get(name, '')}"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _bound(field: FieldInfo, name: str) -> Any:
+    for constraint in field.metadata:
+        if hasattr(constraint, name):
+            return getattr(constraint, name)
+    raise LookupError(f"the field has no {name} bound")
+
+
+def _unknown_field_message(name: object) -> str:
+    if not isinstance(name, str):
+        return f"unknown field {_describe(name)}; field names are strings"
+    close = difflib.get_close_matches(name, PARAM_FIELDS, n=1)
+    if close:
+        return f"unknown field {name!r}; did you mean {close[0]!r}?"
+    return f"unknown field {name!r}; known fields are {', '.join(PARAM_FIELDS)}"
+
+
+def _describe(value: object) -> str:
+    """A value as the client wrote it in JSON, cut short if long."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    try:
+        text = encodable(json.dumps(value, ensure_ascii=False))
+    except (TypeError, ValueError):  # not JSON, or an int too long to print
+        return type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def encodable(text: str) -> str:
+    """`text`, with what UTF-8 cannot encode (unpaired surrogates) written as escapes, so that
+    a message quoting a client's input can always be sent and logged."""
+    try:
+        text.encode("utf8")
+    except UnicodeEncodeError:
+        return text.encode("utf8", "backslashreplace").decode("utf8")
+    return text
+
+
+def resolve_seed(params: JobParams, rng: random.Random | None = None) -> JobParams:
+    """Replace a random seed (<= 0) with a drawn one, so the seed actually used is recorded."""
+    if params.seed >= SEED_MIN_FIXED:
+        return params
+    rng = rng if rng is not None else random.SystemRandom()
+    return params.model_copy(update={"seed": rng.randint(SEED_MIN_FIXED, SEED_MAX)})
+
+
+def params_fingerprint(params_body: JobParams | Mapping[str, object]) -> str:
+    """sha256 (hex) of the canonical JSON of the validated params, defaults filled, seed as given.
+
+    Same Idempotency-Key + same fingerprint → same job; a different fingerprint → conflict. A
+    body is validated with parse_params' default limits (InvalidParams if it fails); pass the
+    JobParams you already parsed to use other limits.
+    """
+    params = params_body if isinstance(params_body, JobParams) else parse_params(params_body)
+    fields = params.to_dict()
+    for name in ("temperature", "supercondition_factor"):
+        fields[name] = float(fields[name])
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf8")).hexdigest()
+
 
 # Status only moves forward, with one exception: running → queued is a requeue, when a worker
 # dies or retries and the broker redelivers the job. Terminal states never change, and a status
@@ -80,163 +257,6 @@ def can_move(from_status: JobStatus | str, to_status: JobStatus | str) -> bool:
     return JobStatus(to_status) in _NEXT_STATUSES[JobStatus(from_status)]
 
 
-@dataclass(frozen=True)
-class JobParams:
-    """What to render. Build it with `parse_params` from an untrusted body."""
-
-    text: str
-    seed: int = SEED_RANDOM
-    grid_size: int = 1
-    is_seamless: bool = False
-    temperature: float = 1.0
-    top_k: int = 256
-    supercondition_factor: float = 16.0
-    model: str = "mini"
-    progressive_outputs: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-PARAM_FIELDS = tuple(field.name for field in dataclasses.fields(JobParams))
-
-
-@dataclass(frozen=True)
-class FieldError:
-    field: str
-    message: str
-
-
-class InvalidParams(ValueError):
-    """A request body is not valid JobParams; `errors` lists every problem found."""
-
-    def __init__(self, errors: list[FieldError]):
-        super().__init__("; ".join(error.message for error in errors))
-        self.errors = errors
-
-
-def parse_params(body: object, *, max_grid_size: int = 8, max_text_chars: int = 1000) -> JobParams:
-    """Validate a decoded JSON body into JobParams, filling defaults.
-
-    Strict: bools are not numbers, 3.0 is not an integer, null is not a default, and unknown
-    fields are refused. Raises InvalidParams listing every error, not just the first.
-    """
-    if not isinstance(body, Mapping):
-        raise InvalidParams(
-            [FieldError("body", f"the body must be a JSON object, got {_describe(body)}")]
-        )
-    errors: list[FieldError] = []
-    for name in body:
-        if name not in PARAM_FIELDS:
-            errors.append(FieldError(str(name), _unknown_field_message(name)))
-
-    values: dict[str, Any] = {}
-
-    def check(name: str, is_valid: bool, expected: str) -> None:
-        if is_valid:
-            values[name] = body[name]
-        else:
-            errors.append(
-                FieldError(name, f"{name} must be {expected}, got {_describe(body[name])}")
-            )
-
-    if "text" not in body:
-        errors.append(FieldError("text", "text is required: the prompt to draw"))
-    elif not isinstance(body["text"], str):
-        check("text", False, "a string")
-    elif not body["text"].strip():
-        errors.append(FieldError("text", "text must not be blank"))
-    elif len(body["text"]) > max_text_chars:
-        errors.append(
-            FieldError(
-                "text",
-                f"text must be at most {max_text_chars} characters, got {len(body['text'])}",
-            )
-        )
-    else:
-        values["text"] = body["text"]
-
-    if "seed" in body:
-        seed = body["seed"]
-        check(
-            "seed",
-            _is_int(seed) and SEED_RANDOM <= seed <= SEED_MAX,
-            f"an integer from {SEED_RANDOM} to {SEED_MAX} (0 or -1: random)",
-        )
-    if "grid_size" in body:
-        grid_size = body["grid_size"]
-        check(
-            "grid_size",
-            _is_int(grid_size) and 1 <= grid_size <= max_grid_size,
-            f"an integer from 1 to {max_grid_size}",
-        )
-    for name in ("is_seamless", "progressive_outputs"):
-        if name in body:
-            check(name, isinstance(body[name], bool), "true or false")
-    if "temperature" in body:
-        temperature = body["temperature"]
-        check(
-            "temperature",
-            _is_number(temperature) and 0 < temperature <= TEMPERATURE_MAX,
-            f"a number greater than 0 and at most {TEMPERATURE_MAX:g}",
-        )
-    if "top_k" in body:
-        top_k = body["top_k"]
-        check(
-            "top_k", _is_int(top_k) and 1 <= top_k <= TOP_K_MAX, f"an integer from 1 to {TOP_K_MAX}"
-        )
-    if "supercondition_factor" in body:
-        factor = body["supercondition_factor"]
-        low, high = SUPERCONDITION_FACTOR_RANGE
-        check(
-            "supercondition_factor",
-            _is_number(factor) and low <= factor <= high,
-            f"a number from {low:g} to {high:g}",
-        )
-    if "model" in body:
-        check("model", body["model"] in MODELS, " or ".join(f'"{model}"' for model in MODELS))
-
-    if errors:
-        raise InvalidParams(errors)
-    # Floats stay floats whether the client wrote 1 or 1.0, so fingerprints agree.
-    for name in ("temperature", "supercondition_factor"):
-        if name in values:
-            values[name] = float(values[name])
-    return JobParams(**values)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return isinstance(value, int) or math.isfinite(value)
-
-
-def _unknown_field_message(name: object) -> str:
-    if not isinstance(name, str):
-        return f"unknown field {_describe(name)}; field names are strings"
-    close = difflib.get_close_matches(name, PARAM_FIELDS, n=1)
-    if close:
-        return f"unknown field {name!r}; did you mean {close[0]!r}?"
-    return f"unknown field {name!r}; known fields are {', '.join(PARAM_FIELDS)}"
-
-
-def _describe(value: object) -> str:
-    """A value as the client wrote it in JSON, cut short if long."""
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):  # not JSON, or an int too long to print
-        return type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def text_token_warning(
     text: str, tokenizer: TextTokenizer, text_token_count: int = TEXT_TOKEN_COUNT
 ) -> str | None:
@@ -250,29 +270,6 @@ def text_token_warning(
     return (
         f"the text is {token_count} tokens long; the model reads only the first {text_token_count}"
     )
-
-
-def resolve_seed(params: JobParams, rng: random.Random | None = None) -> JobParams:
-    """Replace a random seed (<= 0) with a drawn one, so the seed actually used is recorded."""
-    if params.seed >= SEED_MIN_FIXED:
-        return params
-    rng = rng if rng is not None else random.SystemRandom()
-    return dataclasses.replace(params, seed=rng.randint(SEED_MIN_FIXED, SEED_MAX))
-
-
-def params_fingerprint(params_body: JobParams | Mapping[str, object]) -> str:
-    """sha256 (hex) of the canonical JSON of the validated params, defaults filled, seed as given.
-
-    Same Idempotency-Key + same fingerprint → same job; a different fingerprint → conflict. A
-    body is validated with parse_params' default limits (InvalidParams if it fails); pass the
-    JobParams you already parsed to use other limits.
-    """
-    params = params_body if isinstance(params_body, JobParams) else parse_params(params_body)
-    fields = params.to_dict()
-    for name in ("temperature", "supercondition_factor"):
-        fields[name] = float(fields[name])
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf8")).hexdigest()
 
 
 # Storage layout: jobs/{id}/job.json, jobs/{id}/grid.png, and one jobs/{id}/{i}.png per tile.

@@ -21,6 +21,14 @@ DALLE_FARM_BATCH_ROWS         decoder rows in a batch (2 per image: a 4×4 grid 
                               0 sizes it to half the free GPU (or host) memory (default 0)
 DALLE_FARM_VISIBILITY_TIMEOUT_S  seconds before Redis hands an unacknowledged job to another
                               worker after its worker vanished (default 60)
+DALLE_FARM_UNSERVED_JOB_TIMEOUT_S  seconds a queued job waits while no live worker serves its
+                              model; then it fails, saying so (default 300)
+DALLE_FARM_REQUEST_TIMEOUT_S  seconds a client has to send a whole request (line, headers,
+                              body) before the API answers 408 and closes (default 30)
+DALLE_FARM_IDLE_TIMEOUT_S     seconds an idle keep-alive connection stays open (default 60)
+DALLE_FARM_MAX_CONNECTIONS    open connections per API process; more wait to be accepted
+                              (default 1000)
+DALLE_FARM_MAX_HEADER_BYTES   the request line and headers together, at most (default 16384)
 """
 
 from __future__ import annotations
@@ -56,6 +64,11 @@ class Settings:
     visibility_timeout_s: int = 60
     max_jobs: int = 8
     batch_rows: int = 0
+    unserved_job_timeout_s: int = 300
+    request_timeout_s: int = 30
+    idle_timeout_s: int = 60
+    max_connections: int = 1000
+    max_header_bytes: int = 16384
 
     @property
     def is_embedded(self) -> bool:
@@ -113,4 +126,9 @@ class Settings:
             visibility_timeout_s=integer("VISIBILITY_TIMEOUT_S", 60, 5, 86400),
             max_jobs=integer("MAX_JOBS", 8, 1, 1024),
             batch_rows=integer("BATCH_ROWS", 0, 0, 65536),
+            unserved_job_timeout_s=integer("UNSERVED_JOB_TIMEOUT_S", 300, 1, 7 * 86400),
+            request_timeout_s=integer("REQUEST_TIMEOUT_S", 30, 1, 3600),
+            idle_timeout_s=integer("IDLE_TIMEOUT_S", 60, 1, 86400),
+            max_connections=integer("MAX_CONNECTIONS", 1000, 1, 100000),
+            max_header_bytes=integer("MAX_HEADER_BYTES", 16384, 1024, 1048576),
         )

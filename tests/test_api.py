@@ -24,6 +24,7 @@ from werkzeug.test import TestResponse
 from api.app import create_app, create_app_from_env
 from api.services import Services, load_tokenizer, services_from_settings
 from core.job import (
+    MODELS,
     PROGRESS_TOTAL,
     SEED_MAX,
     JobParams,
@@ -37,7 +38,7 @@ from core.job import (
 from core.queue_sqlite import SqliteJobQueue
 from core.settings import Settings
 from core.storage import LocalStorage, S3Storage
-from core.store import DURATION_BUCKETS_S, StoreUnavailable
+from core.store import DURATION_BUCKETS_S, JobStore, StoreUnavailable
 from core.store_sqlite import SqliteJobStore
 from model.tokenizer import TextTokenizer
 
@@ -81,8 +82,14 @@ class Farm:
         return self.store.create_key(name)[1]
 
 
+def serve_every_model(store: JobStore) -> None:
+    """Announce a stand-in worker for every model: the API refuses jobs no live worker serves."""
+    store.worker_heartbeat("tests", models=list(MODELS), ttl_s=3600)
+
+
 def make_app(tmp_path: Path, **kwargs: Any) -> tuple[Flask, SqliteJobStore, SqliteJobQueue]:
     store = SqliteJobStore(tmp_path / "farm.db")
+    serve_every_model(store)
     queue = SqliteJobQueue(tmp_path / "farm.db")
     storage = kwargs.pop("storage", None) or LocalStorage(tmp_path / "files")
     storage.ensure_bucket()
@@ -287,7 +294,9 @@ def test_anonymous_owner_needs_no_key(tmp_path: Path) -> None:
     _, secret = store.create_key("someone")
     headers = {"Authorization": f"Bearer {secret}"}
     assert client.get(f"/v1/jobs/{job_id}", headers=headers).status_code == 200
-    assert app.test_client().get("/openapi.json").get_json()["security"] == []
+    document = app.test_client().get("/openapi.json").get_json()
+    assert "security" not in document and "securitySchemes" not in document["components"]
+    assert "401" not in json.dumps(document["paths"])
     store.close()
     queue.close()
 
@@ -341,6 +350,7 @@ def test_every_field_error_is_listed_and_unknown_fields_get_a_suggestion(farm: F
 
 def test_the_grid_size_limit_comes_from_settings(tmp_path: Path) -> None:
     store = SqliteJobStore(tmp_path / "farm.db")
+    serve_every_model(store)
     queue = SqliteJobQueue(tmp_path / "farm.db")
     app = create_app(
         Settings(max_grid_size=2),
@@ -488,8 +498,8 @@ def test_cancel_a_queued_job(farm: Farm) -> None:
     canceled = response.get_json()
     assert canceled["status"] == "canceled" and canceled["finished_at"] is not None
     assert farm.get(f"/v1/jobs/{job['id']}").get_json()["status"] == "canceled"
-    # The queue still holds the id, but no worker can start the job any more.
-    assert farm.queue.depth() == 1
+    # The queue may still hold the id, but the job waits for nothing: it is not counted.
+    assert farm.queue.depth() == 0
     assert farm.store.transition(job["id"], JobStatus.RUNNING) is None
     # Canceling again is harmless.
     again = farm.client.delete(f"/v1/jobs/{job['id']}", headers=farm.auth)
@@ -597,6 +607,7 @@ def test_with_s3_results_are_presigned_urls_and_files_is_404(
     # No request is made: presigning is local, and /v1/files answers before any S3 call.
     storage = S3Storage("results", endpoint_url="http://127.0.0.1:9", region="us-east-1")
     store = SqliteJobStore(tmp_path / "farm.db")
+    serve_every_model(store)
     queue = SqliteJobQueue(tmp_path / "farm.db")
     app = create_app(Settings(), store=store, storage=storage, queue=queue, anonymous_owner="me")
     client = app.test_client()
@@ -650,6 +661,7 @@ class BrokenQueue(SqliteJobQueue):
 
 def test_a_job_that_cannot_be_queued_fails_and_the_answer_is_503(tmp_path: Path) -> None:
     store = SqliteJobStore(tmp_path / "farm.db")
+    serve_every_model(store)
     queue = BrokenQueue(tmp_path / "farm.db")
     app = create_app(
         Settings(),
@@ -683,7 +695,8 @@ def test_healthz(farm: Farm) -> None:
 def test_readyz_is_200_when_every_backend_answers(farm: Farm) -> None:
     response = farm.client.get("/readyz")
     assert response.status_code == 200
-    assert response.get_json()["checks"] == {"store": "ok", "storage": "ok", "queue": "ok"}
+    checks = response.get_json()["checks"]
+    assert checks == {"store": "ok", "storage": "ok", "queue": "ok", "workers": "ok"}
 
 
 def test_readyz_is_503_naming_a_missing_storage_folder(farm: Farm) -> None:
@@ -691,6 +704,15 @@ def test_readyz_is_503_naming_a_missing_storage_folder(farm: Farm) -> None:
     body = assert_problem(farm.client.get("/readyz"), 503)
     assert "storage" in body["detail"] and str(farm.storage.root) in body["detail"]
     assert body["checks"]["store"] == "ok" and body["checks"]["storage"] != "ok"
+
+
+def test_readyz_is_503_until_a_worker_serves_a_model(farm: Farm) -> None:
+    farm.store.worker_gone("tests")
+    body = assert_problem(farm.client.get("/readyz"), 503)
+    assert body["checks"]["workers"].startswith("no live worker serves a model")
+    assert body["checks"]["store"] == "ok" and "workers:" in body["detail"]
+    farm.store.worker_heartbeat("gpu0", models=["mega"], ttl_s=60)
+    assert farm.client.get("/readyz").get_json()["checks"]["workers"] == "ok"
 
 
 def test_readyz_is_503_naming_an_unusable_store(farm: Farm) -> None:
@@ -721,9 +743,10 @@ def test_metrics(farm: Farm) -> None:
         sample.labels["status"]: sample.value for sample in families["dalle_farm_jobs"].samples
     }
     assert by_status == {"queued": 1, "running": 0, "succeeded": 1, "failed": 0, "canceled": 1}
-    # The canceled job's id stays in the queue until a worker skips it.
-    assert families["dalle_farm_queue_depth"].samples[0].value == 3
-    assert families["dalle_farm_workers_alive"].samples[0].value == 1
+    # Only the queued job waits: the canceled and the finished one are not counted.
+    assert families["dalle_farm_queue_depth"].samples[0].value == 1
+    # w1 and the stand-in that serves every model (make_app).
+    assert families["dalle_farm_workers_alive"].samples[0].value == 2
     images = families["dalle_farm_images_generated"]
     assert images.type == "counter"
     assert [(s.name, s.value) for s in images.samples] == [("dalle_farm_images_generated_total", 4)]
@@ -798,6 +821,81 @@ def test_openapi_documents_every_route_and_only_those(farm: Farm) -> None:
             assert any(p["name"] == name and p["in"] == "path" for p in parameters), path
 
 
+# -- odd Unicode: refused where it is input, never a 500 --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"text": "a \\ud800 fox"}',
+        '{"text": "\\udfff"}',
+        '{"text": "a\\u0000fox"}',
+        '{"text": "a fox", "\\ud800": 1}',
+        '{"text": "a fox", "model": "\\udc80"}',
+    ],
+)
+def test_text_that_no_store_can_hold_is_a_422_naming_the_field(farm: Farm, body: str) -> None:
+    # Valid JSON escapes for strings UTF-8 cannot encode: refused at the contract, with and
+    # without an Idempotency-Key (whose fingerprint would hash the text).
+    for headers in ({}, {"Idempotency-Key": "k"}):
+        response = farm.client.post(
+            "/v1/jobs",
+            data=body,
+            content_type="application/json",
+            headers={**farm.auth, **headers},
+        )
+        problem = assert_problem(response, 422)
+        response.get_data().decode("utf8")  # the answer itself is valid UTF-8
+        assert problem["errors"]
+    assert farm.queue.depth() == 0
+
+
+def test_any_storable_text_round_trips_through_the_store(farm: Farm) -> None:
+    text = "a fox 🦊\tin the\r\nsnow \u0085\u200b\ufeff 日本"
+    job = farm.submit_ok({"text": text})
+    assert farm.get(f"/v1/jobs/{job['id']}").get_json()["params"]["text"] == text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs/%ED%A0%80",
+        "/v1/jobs/%F0%9F%A6%8A",
+        "/v1/jobs/%00",
+        "/v1/jobs/" + "%FF" * 40,
+        "/v1/files/%ED%A0%80",
+        "/v1/files/jobs/0193a5c0ffee00000000000000000001/%ED%A0%80.png",
+        "/v1/files/jobs/0193a5c0ffee00000000000000000001/%00",
+        "/%ED%A0%80",
+    ],
+)
+def test_odd_bytes_in_a_path_are_a_404_problem(farm: Farm, path: str) -> None:
+    assert_problem(farm.get(path), 404)
+    deleted = farm.client.delete(path, headers=farm.auth)
+    assert_problem(deleted, 405 if path.startswith("/v1/files/") else 404)
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("status=%ED%A0%80", "status"),
+        ("cursor=%ED%A0%80", "cursor"),
+        ("cursor=%F0%9F%A6%8A", "cursor"),
+        ("limit=%EF%BC%95", "limit"),  # a full-width 5
+        ("limit=%00", "limit"),
+        ("%ED%A0%80=1", None),
+    ],
+)
+def test_odd_bytes_in_a_query_are_a_400_problem(farm: Farm, query: str, field: str | None) -> None:
+    assert_problem(farm.get(f"/v1/jobs?{query}"), 400, field)
+
+
+@pytest.mark.parametrize("key", ["café", "\x7f", "k\x00", "\u00ff" * 300])
+def test_odd_characters_in_an_idempotency_key_are_a_400_problem(farm: Farm, key: str) -> None:
+    headers = {"Idempotency-Key": key.encode("utf8").decode("latin-1")}
+    assert_problem(farm.submit({"text": "fox"}, headers), 400, "Idempotency-Key")
+
+
 # -- concurrency, wiring, imports ------------------------------------------------------------
 
 
@@ -838,6 +936,7 @@ def test_create_app_from_env_builds_the_embedded_farm(tmp_path: Path) -> None:
     assert isinstance(services.queue, SqliteJobQueue)
     assert isinstance(services.storage, LocalStorage)
     assert services.tokenizer is None
+    serve_every_model(services.store)
     _, secret = services.store.create_key("alice")
     client = app.test_client()
     response = client.post(
@@ -875,9 +974,11 @@ from core.storage import LocalStorage
 from core.queue_sqlite import SqliteJobQueue
 from core.store_sqlite import SqliteJobStore
 root = Path({str(tmp_path)!r})
+store = SqliteJobStore(root / "farm.db")
+store.worker_heartbeat("tests", models=["mini"], ttl_s=3600)
 app = create_app(
     Settings(),
-    store=SqliteJobStore(root / "farm.db"),
+    store=store,
     storage=LocalStorage(root / "files"),
     queue=SqliteJobQueue(root / "farm.db"),
     anonymous_owner="me",
@@ -897,3 +998,29 @@ assert not loaded, loaded
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_job_for_a_model_no_live_worker_serves_is_422(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "farm.db")
+    queue = SqliteJobQueue(tmp_path / "farm.db")
+    app = create_app(
+        Settings(), store=store, storage=LocalStorage(tmp_path), queue=queue, anonymous_owner="me"
+    )
+    client = app.test_client()
+    # No worker at all: nothing is served, and nothing is recorded or queued.
+    body = assert_problem(client.post("/v1/jobs", json={"text": "fox"}), 422, field="model")
+    assert body["type"].endswith("/model-not-served")
+    assert "no worker serves model 'mini'" in body["detail"] and "none" in body["detail"]
+    store.worker_heartbeat("gpu0", models=["mini"], ttl_s=60)
+    body = assert_problem(
+        client.post("/v1/jobs", json={"text": "fox", "model": "mega"}), 422, field="model"
+    )
+    assert "served: mini" in body["detail"] and "DALLE_FARM_MODEL=mega" in body["detail"]
+    assert client.post("/v1/jobs", json={"text": "fox"}).status_code == 202
+    assert queue.depth() == 1
+    assert len(store.list_jobs("me", status=None, cursor=None, limit=10)[0]) == 1
+    # The worker leaves: its model is refused again.
+    store.worker_gone("gpu0")
+    assert_problem(client.post("/v1/jobs", json={"text": "fox"}), 422, field="model")
+    store.close()
+    queue.close()

@@ -1,5 +1,5 @@
 """`dalle-farm bulk` end to end on a real farm: redis-server, moto's S3 server, a `dalle-farm
-api` (gunicorn) and a `dalle-farm worker` subprocess on small random weights; the bulk command
+api` (waitress) and a `dalle-farm worker` subprocess on small random weights; the bulk command
 runs as a subprocess, as a user would run it. Input parsing is tested directly.
 
 Each test uses an API key of its own, so that the jobs it lists are the ones it created.

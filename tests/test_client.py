@@ -33,7 +33,7 @@ from client import (
     WaitTimeout,
 )
 from client.errors import Problem, api_error
-from client.http import parse_retry_after
+from client.http import is_retryable, parse_retry_after
 from tests.farm_helpers import REPO_ROOT, FarmProcess, http, subprocess_env, wait_for
 from tests.fault_proxy import Fault, FaultProxy
 from tests.servers import free_port
@@ -251,6 +251,14 @@ def test_retry_after_backoff_and_problem_parsing() -> None:
     assert client.retry_delay(0, 600.0) == 60.0
     for attempt, ceiling in ((0, 1), (2, 4), (10, 8)):
         assert ceiling / 2 <= client.retry_delay(attempt, None) <= ceiling
+    assert [
+        status for status in (400, 404, 408, 409, 422, 429, 500, 503) if is_retryable(status)
+    ] == [
+        408,
+        429,
+        500,
+        503,
+    ]
     html = Problem.from_response(502, "Bad Gateway", "text/html", b"<h1>bad gateway</h1>")
     assert (html.title, html.detail) == ("Bad Gateway", "<h1>bad gateway</h1>")
     assert isinstance(api_error("GET", "/x", html), ServerError)

@@ -18,6 +18,7 @@ from core.job import (
     SEED_MAX,
     SUPERCONDITION_FACTOR_RANGE,
     TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
     TEXT_TOKEN_COUNT,
     TOP_K_MAX,
     FieldError,
@@ -132,7 +133,7 @@ def test_integer_numbers_become_floats() -> None:
         ("seed", SEED_MAX),
         ("grid_size", 1),
         ("grid_size", 8),
-        ("temperature", 1e-6),
+        ("temperature", TEMPERATURE_MIN),
         ("temperature", TEMPERATURE_MAX),
         ("top_k", 1),
         ("top_k", TOP_K_MAX),
@@ -201,7 +202,7 @@ SEED_MESSAGE = "seed must be an integer from -1 to 2147483647 (0 or -1: random),
     [
         (True, "true"),
         (False, "false"),
-        (3.0, "3.0"),
+        (3.5, "3.5"),
         (NAN, "NaN"),
         ("3", '"3"'),
         (None, "null"),
@@ -215,7 +216,7 @@ def test_bad_seed(seed: object, shown: str) -> None:
 
 @pytest.mark.parametrize(
     ("grid_size", "shown"),
-    [(0, "0"), (9, "9"), (-1, "-1"), (True, "true"), (2.0, "2.0"), ("2", '"2"'), (None, "null")],
+    [(0, "0"), (9, "9"), (-1, "-1"), (True, "true"), (2.5, "2.5"), ("2", '"2"'), (None, "null")],
 )
 def test_bad_grid_size(grid_size: object, shown: str) -> None:
     assert only_error({"text": "a", "grid_size": grid_size}) == FieldError(
@@ -245,6 +246,7 @@ def test_flags_must_be_booleans(field: str, value: object, shown: str) -> None:
     [
         (0, "0"),
         (0.0, "0.0"),
+        (0.0099, "0.0099"),
         (-1.5, "-1.5"),
         (100.5, "100.5"),
         (NAN, "NaN"),
@@ -257,13 +259,13 @@ def test_flags_must_be_booleans(field: str, value: object, shown: str) -> None:
 )
 def test_bad_temperature(temperature: object, shown: str) -> None:
     assert only_error({"text": "a", "temperature": temperature}) == FieldError(
-        "temperature", f"temperature must be a number greater than 0 and at most 100, got {shown}"
+        "temperature", f"temperature must be a number from {TEMPERATURE_MIN:g} to 100, got {shown}"
     )
 
 
 @pytest.mark.parametrize(
     ("top_k", "shown"),
-    [(0, "0"), (-1, "-1"), (16385, "16385"), (256.0, "256.0"), (True, "true"), ("256", '"256"')],
+    [(0, "0"), (-1, "-1"), (16385, "16385"), (256.5, "256.5"), (True, "true"), ("256", '"256"')],
 )
 def test_bad_top_k(top_k: object, shown: str) -> None:
     assert only_error({"text": "a", "top_k": top_k}) == FieldError(
@@ -352,7 +354,7 @@ def test_all_errors_are_collected() -> None:
         "grid_size": 0,
         "is_seamless": "yes",
         "temperature": NAN,
-        "top_k": 3.0,
+        "top_k": 3.5,
         "supercondition_factor": -1,
         "model": "large",
         "progressive_outputs": 1,
@@ -364,11 +366,11 @@ def test_all_errors_are_collected() -> None:
         "seed",
         "grid_size",
         "is_seamless",
-        "progressive_outputs",
         "temperature",
         "top_k",
         "supercondition_factor",
         "model",
+        "progressive_outputs",
     ]
 
 
