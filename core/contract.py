@@ -51,9 +51,10 @@ SEED_MAX = 2**31 - 1
 # As in the model (and min-dalle), a seed <= 0 means "random": -1 and 0 are both accepted and
 # replaced by a drawn seed from SEED_MIN_FIXED up, so the recorded seed always reproduces.
 SEED_MIN_FIXED = 1
-# The smallest temperature accepted (inclusive): the logits are divided by it, and far below
-# this they overflow in half precision. Above 100 the distribution is uniform for all
-# practical purposes.
+# The smallest temperature accepted (inclusive). The logits are divided by it: below 2**-126
+# (model.generate.MIN_TEMPERATURE) float32 cannot compute that, and such a job once made the
+# shared batch step fail every job in it. At 0.01 sampling is already greedy in practice, so
+# nothing useful is refused. Above 100 the distribution is uniform for all practical purposes.
 TEMPERATURE_MIN = 0.01
 TEMPERATURE_MAX = 100.0
 # The VQGAN has 2**14 codes, so a larger top_k samples from the same set.

@@ -34,3 +34,16 @@ ensure_redis_server() {
         fi
     fi
 }
+
+ensure_chromium() {
+    # tests/test_docs_browser.py opens /docs in headless Chromium. Debian's package, because
+    # Playwright's own browser download needs more internet than PyPI and Debian.
+    if ! command -v chromium >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+        else
+            echo "chromium is needed by the tests: sudo apt-get install chromium" >&2
+            exit 1
+        fi
+    fi
+}

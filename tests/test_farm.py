@@ -67,6 +67,7 @@ JOB_TIMEOUT_S = 90
 WORKER_START_S = 90
 # Serves Mega for the tests that queue Mega jobs without a Mega worker.
 MEGA_STAND_IN = "mega-stand-in@tests"
+MINI_STAND_IN = "mini-stand-in@tests"
 # DALLE_FARM_UNSERVED_JOB_TIMEOUT_S of the worker that sweeps in the unserved-jobs test.
 UNSERVED_TIMEOUT_S = 3
 
@@ -513,6 +514,9 @@ def test_sigterm_finishes_the_job_then_queued_jobs_survive_a_redis_restart(farm:
 
     # No worker now: the jobs wait in Redis, one of them canceled while queued. (Earlier tests
     # may have left duplicate deliveries of finished jobs in the queue: workers drop those.)
+    # The API takes jobs only for a model some live worker serves: a stand-in plays the Mini
+    # worker that is about to come back.
+    farm.services.store.worker_heartbeat(MINI_STAND_IN, models=["mini"], ttl_s=600)
     before = farm.queue_length()
     waiting = farm.submit({"text": "queued across a restart", "seed": 3})
     doomed = farm.submit({"text": "canceled while queued", "seed": 4})
@@ -524,6 +528,7 @@ def test_sigterm_finishes_the_job_then_queued_jobs_survive_a_redis_restart(farm:
     assert farm.job(waiting["id"])["status"] == "queued"
 
     farm.start_worker()
+    farm.services.store.worker_gone(MINI_STAND_IN)
     done = farm.wait_status(waiting["id"], "succeeded")
     assert done["attempts"] == 1
     wait_for(lambda: farm.queue_length() == 0, 30, "the queue to drain")

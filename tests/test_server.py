@@ -132,6 +132,8 @@ def run_in_thread(app: Flask, config: ServerConfig) -> Iterator[Server]:
 def api_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
     settings = Settings(data_dir=tmp_path_factory.mktemp("server-data"))
     app = create_api_app(settings, anonymous_owner="local")
+    # A stand-in worker: the API takes jobs only for a model some live worker serves.
+    app.extensions["dalle_farm"].store.worker_heartbeat("tests", models=["mini"], ttl_s=3600)
     yield app
     app.extensions["dalle_farm"].store.close()
 
