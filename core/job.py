@@ -422,7 +422,9 @@ class JobRecord:
         return cls(**values)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+        """JSON with every non-ASCII character escaped, so that any string, a lone surrogate
+        included, is stored and read back unchanged."""
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> JobRecord:

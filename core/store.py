@@ -30,7 +30,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-import json
 import math
 import re
 import secrets
@@ -291,12 +290,6 @@ def job_id_bound(created_before_ms: int) -> str:
     if isinstance(created_before_ms, bool) or not isinstance(created_before_ms, int):
         raise ValueError(f"created_before_ms must be an integer, got {created_before_ms!r}")
     return f"{min(max(created_before_ms, 0), 2**48 - 1):012x}"
-
-
-def record_json(record: JobRecord) -> str:
-    """A job record as stored: JSON with every non-ASCII character escaped, so that any
-    string, a lone surrogate included, is written and read back unchanged."""
-    return json.dumps(record.to_dict(), sort_keys=True)
 
 
 def check_job_fields(fields: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,7 +36,6 @@ from core.store import (
     duration_bucket,
     hash_idempotency_key,
     job_id_bound,
-    record_json,
 )
 from core.store_sqlite_db import BUSY_TIMEOUT_S, SCHEMA_VERSION, SqliteBackend, SqliteDatabase
 from core.store_sqlite_keys import SqliteKeyStore
@@ -71,7 +70,7 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry):
                 raise ValueError(f"a job with id {record.id} already exists")
             connection.execute(
                 "INSERT INTO jobs (id, owner, status, record) VALUES (?, ?, ?, ?)",
-                (record.id, record.owner, record.status.value, record_json(record)),
+                (record.id, record.owner, record.status.value, record.to_json()),
             )
             if idempotency_key is not None:
                 connection.execute(
@@ -251,5 +250,5 @@ def _load(connection: sqlite3.Connection, job_id: str) -> JobRecord:
 def _save(connection: sqlite3.Connection, record: JobRecord) -> None:
     connection.execute(
         "UPDATE jobs SET status = ?, record = ? WHERE id = ?",
-        (record.status.value, record_json(record), record.id),
+        (record.status.value, record.to_json(), record.id),
     )
