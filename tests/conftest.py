@@ -17,6 +17,10 @@ __all__ = ["SMALL_CONFIG"]
 # multi-GB checkpoints: missing weights come from nowhere unless a test serves them itself.
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
 os.environ.pop("DALLE_FARM_WEIGHTS_URL", None)
+# Without a GPU, Triton kernels (model/kernels/) run in Triton's interpreter, on numpy, in
+# float32. Triton reads this when a kernel is defined, so it is set before any is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
