@@ -37,7 +37,7 @@ from torch import Tensor
 from bench.bench_cpu import mini_weights
 from model import MinDalle
 from model.batch import BatchDecoder
-from model.batch_forward import DEFAULT_BLOCK_ROWS
+from model.batch_ops import DEFAULT_BLOCK_ROWS
 from model.generate import SamplingSettings
 from model.vqgan import PIXELS_PER_SIDE
 

@@ -1,4 +1,4 @@
-"""GPU benchmark (issues 2 and 4): DALL·E Mega in bfloat16, ours against min-dalle 0.4.11.
+"""GPU benchmark (issues 2, 4 and 13): DALL·E Mega in bfloat16, ours against min-dalle 0.4.11.
 
 Mega-size random weights (the real shapes, float16 .pt files as published) are written to
 --models-root; min-dalle must be importable (`pip install min-dalle==0.4.11`, or its package
@@ -6,10 +6,12 @@ folder on PYTHONPATH). Every case runs in this one process, on one GPU:
 
 - min-dalle 0.4.11 generate_images, one 4×4 grid;
 - our MinDalle.generate_images (the min-dalle-compatible sampler), one 4×4 grid;
-- the farm's BatchDecoder, one 4×4 job, step by step (eager) and replayed from CUDA graphs;
-- the BatchDecoder with --jobs concurrent 4×4 jobs: images/s;
-- batch invariance on the GPU: a job's tokens alone, among the concurrent jobs, joined late
-  among others, eager and graphed;
+- the BatchDecoder's startup self-check on this GPU (BatchDecoder.self_check);
+- the farm's BatchDecoder, one 4×4 job, with each set of step operations (--kernels: "triton",
+  model/kernels/, and "torch" in blocks of --block-rows), replayed from CUDA graphs;
+- the BatchDecoder with each of --jobs concurrent 4×4 jobs: images/s, the step's time against
+  its graph's replay alone (the host's share), and the CUDA kernels one step launches;
+- batch invariance on the GPU: a job's tokens alone, among the concurrent jobs, joined late;
 - the VQGAN one job at a time against batches of images from many jobs.
 
 Latencies are wall time from the request (tokenize) to the pixels on the GPU (VQGAN done,
@@ -18,7 +20,9 @@ bytes a step must move (the decoder's weights once, each row's filled cache posi
 distinct text row's cross-attention keys and values) over the copy bandwidth measured here, or
 its arithmetic over the measured matrix rate, whichever is longer.
 
-    python -m bench.bench_gpu --models-root /tmp/mega --jobs 64 --out results.json
+    python -m bench.bench_gpu --models-root /tmp/mega --jobs 64 128 --out results.json
+
+Results are written to --out after every part, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -32,13 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bench.bench_batch import Job, make_jobs
 from model import MinDalle, ModelConfig
 from model.batch import BatchDecoder
-from model.batch_forward import CUDA_BLOCK_ROWS
+from model.batch_ops import CUDA_BLOCK_ROWS
 from model.config import IMAGE_TOKEN_COUNT, VQGAN_CODE_COUNT
 from model.generate import SamplingSettings
 from model.weights.random_weights import write_random_weights
@@ -122,7 +125,7 @@ def step_floor(
 
 def run_jobs(
     decoder: BatchDecoder, model: MinDalle, jobs: list[Job], joins: dict[str, int]
-) -> dict:
+) -> dict[str, Tensor]:
     """Add the jobs (each at its join step, default 0), step until all are done, VQGAN each."""
     tokens: dict[str, Tensor] = {}
     step = 0
@@ -138,105 +141,61 @@ def run_jobs(
     return tokens
 
 
-def kernels_case() -> None:
-    """Is a row's result independent of the other rows, on this GPU, for each kernel a step
-    uses (Mega's shapes, bfloat16)? And the cost of blocking the matrix products."""
-    torch.manual_seed(0)
-    embed, glu, heads, head_dim = 2048, 4096, 32, 64
-
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-
-    checks: dict[str, bool] = {}
-    for name, (out_features, in_features) in {
-        "linear E→E": (embed, embed),
-        "linear E→G": (glu, embed),
-        "linear G→E": (embed, glu),
-        "lm_head": (VQGAN_CODE_COUNT, embed),
-    }.items():
-        weight, x = randn(out_features, in_features) / in_features**0.5, randn(2048, in_features)
-        full = F.linear(x, weight)
-        for m in (2, 32, 128, 256, 1024):
-            checks[f"{name}: first {m} rows alone"] = torch.equal(F.linear(x[:m], weight), full[:m])
-        checks[f"{name}: rows 100..131 alone"] = torch.equal(
-            F.linear(x[100:132], weight), full[100:132]
-        )
-    q, k, v = (
-        randn(2048, heads, 1, head_dim),
-        randn(2048, heads, 256, head_dim),
-        randn(2048, heads, 256, head_dim),
+def step_costs(decoder: BatchDecoder, model: MinDalle, jobs: list[Job], name: str) -> None:
+    """At mid-image (position 128) with these jobs: the whole step against its CUDA graph's
+    replay alone, and the CUDA kernels one step launches (counted by the profiler, eagerly)."""
+    for job in jobs:
+        decoder.add(job.id, job.text, job.seed, GRID, SamplingSettings())
+    for _ in range(IMAGE_TOKEN_COUNT // 2):
+        decoder.step()
+    step_ms = event_ms(decoder.step, repeat=20)  # graphs captured at the earlier steps
+    graph = next(reversed(decoder.paged._graphs.values()))  # the one the last step replayed
+    replay_ms = event_ms(graph.replay, repeat=20)
+    host = 1 - replay_ms / step_ms
+    RESULTS[f"{name} step ms"] = step_ms
+    RESULTS[f"{name} graph replay ms"] = replay_ms
+    RESULTS[f"{name} host share of a step"] = host
+    print(
+        f"{name}: step {step_ms:.2f} ms, graph replay alone {replay_ms:.2f} ms (host share "
+        f"{host:.1%})",
+        flush=True,
     )
-    positions = torch.randint(0, 64, (2048,), device="cuda")
-
-    def self_attention(rows: int, length: int) -> Tensor:
-        mask = torch.arange(length, device="cuda") <= positions[:rows, None]
-        return F.scaled_dot_product_attention(
-            q[:rows], k[:rows, :, :length], v[:rows, :, :length], attn_mask=mask[:, None, None]
-        )
-
-    late = torch.randint(129, 256, (2048,), device="cuda")  # more than 128 positions filled
-    late_mask = (torch.arange(256, device="cuda") <= late[:, None])[:, None, None]
-
-    def spelled_out(rows: int) -> Tensor:  # as BatchDecoder._self_attention does it
-        scores = torch.matmul(q[:rows], k[:rows].transpose(-1, -2)).float() * head_dim**-0.5
-        scores = scores.masked_fill(~late_mask[:rows], float("-inf"))
-        return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v[:rows])
-
-    def sdpa_late() -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=late_mask)
-
-    checks["SDPA, over 128 positions: repeatable"] = torch.equal(sdpa_late(), sdpa_late())
-    checks["spelled-out attention: repeatable"] = torch.equal(spelled_out(2048), spelled_out(2048))
-    checks["spelled-out attention: 32 rows vs 2048"] = torch.equal(
-        spelled_out(32), spelled_out(2048)[:32]
-    )
-    base = self_attention(32, 64)
-    checks["self-attention: 32 rows vs 2048"] = torch.equal(self_attention(2048, 64)[:32], base)
-    checks["self-attention: length 64 vs 128 (masked)"] = torch.equal(self_attention(32, 128), base)
-    checks["self-attention: length 64 vs 256, 2048 rows"] = torch.equal(
-        self_attention(2048, 256)[:32], base
-    )
-    qc, kc, vc = (
-        randn(128, heads, 16, head_dim),
-        randn(128, heads, 64, head_dim),
-        randn(128, heads, 64, head_dim),
-    )
-    text_mask = (torch.arange(64, device="cuda") < torch.randint(2, 64, (128, 1), device="cuda"))[
-        :, None, None
-    ]
-    cross = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=text_mask)
-    checks["cross-attention: 2 text rows vs 128"] = torch.equal(
-        F.scaled_dot_product_attention(qc[:2], kc[:2], vc[:2], attn_mask=text_mask[:2]), cross[:2]
-    )
-    norm = torch.nn.LayerNorm(embed, device="cuda", dtype=torch.bfloat16)
-    x = randn(2048, embed)
-    checks["layer norm: 32 rows vs 2048"] = torch.equal(norm(x[:32]), norm(x)[:32])
-    checks["gelu: 32 rows vs 2048"] = torch.equal(F.gelu(x[:32]), F.gelu(x)[:32])
-    for name, same in checks.items():
-        print(f"{'same' if same else 'DIFFERS'}: {name}")
-    RESULTS["kernel row invariance"] = checks
-
-    weight, x = randn(glu, embed) / embed**0.5, randn(2048, embed)
-    for block in (32, 128, 256, 2048):
-        blocks = x.split(block)
-        ms = event_ms(lambda: torch.cat([F.linear(b, weight) for b in blocks]))  # noqa: B023
-        RESULTS[f"fc0 2048 rows in blocks of {block} ms"] = ms
-        print(f"fc0, 2048 rows in blocks of {block}: {ms:.3f} ms")
+    layout = [(page, page.used) for pages in decoder._pages.values() for page in pages]
+    layout = [(page, used) for page, used in layout if used]
+    try:
+        cuda = torch.profiler.ProfilerActivity.CUDA
+        with torch.inference_mode(), torch.profiler.profile(activities=[cuda]) as profile:
+            decoder.paged.run(layout, IMAGE_TOKEN_COUNT, 256)  # one step, eagerly
+            torch.cuda.synchronize()
+        kernels = sum(1 for event in profile.events() if event.device_type.name == "CUDA")
+        RESULTS[f"{name} CUDA kernels per step"] = kernels
+        print(f"{name}: {kernels} CUDA kernels (and copies) per step", flush=True)
+    finally:
+        for job_id in decoder.active:
+            decoder.cancel(job_id)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models-root", type=Path, default=Path("bench/out/mega-random"))
-    parser.add_argument("--jobs", type=int, default=64)
+    parser.add_argument("--jobs", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--skip-min-dalle", action="store_true")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-vqgan", action="store_true")
-    parser.add_argument("--eager", action="store_true", help="also time without CUDA graphs")
-    parser.add_argument("--block-rows", type=int, nargs="+", default=[CUDA_BLOCK_ROWS, 0])
+    parser.add_argument("--kernels", nargs="+", default=["triton", "torch"])
+    parser.add_argument("--block-rows", type=int, default=CUDA_BLOCK_ROWS, help="torch's blocks")
+    parser.add_argument(
+        "--concurrent-kernels", nargs="+", default=["triton"],
+        help="the step operations timed with --jobs concurrent jobs",
+    )  # fmt: skip
     args = parser.parse_args()
+
+    def save() -> None:
+        if args.out is not None:
+            args.out.write_text(json.dumps(RESULTS, indent=1, default=str))
 
     props = torch.cuda.get_device_properties(0)
     RESULTS["device"] = (
@@ -254,7 +213,7 @@ def main() -> None:
         write_random_weights(root, ModelConfig.mega(), is_mega=True, seed=0)
         print(f"wrote Mega-size random weights in {time.perf_counter() - start:.0f} s", flush=True)
 
-    jobs = make_jobs(args.jobs, args.seed)
+    jobs = make_jobs(max(args.jobs), args.seed)
     first = jobs[0]
     grid_args = {"text": first.text, "seed": first.seed, "grid_size": GRID}
 
@@ -278,6 +237,7 @@ def main() -> None:
             torch.cuda.empty_cache()
 
         section("min-dalle", reference_case)
+        save()
 
     model = MinDalle(root, dtype=torch.bfloat16, device="cuda", is_mega=True, is_verbose=False)
 
@@ -294,80 +254,93 @@ def main() -> None:
 
     if not args.skip_ours:
         section("ours", ours_case)
+    RESULTS.pop("_min_dalle_images", None)
+    save()
+
+    def new_decoder(kernels: str, max_rows: int) -> BatchDecoder:
+        block_rows = args.block_rows if kernels == "torch" else None
+        return BatchDecoder(model, max_rows=max_rows, block_rows=block_rows, kernels=kernels)
+
+    def self_check_case(kernels: str) -> None:
+        decoder = new_decoder(kernels, 2048)
+        start = time.perf_counter()
+        passed = decoder.self_check()
+        RESULTS[f"self-check {kernels}"] = passed
+        RESULTS[f"self-check {kernels} s"] = time.perf_counter() - start
+        print(f"self-check of the {kernels!r} kernels, 2048 rows: passed {passed} "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)  # fmt: skip
+
+    for kernels in args.kernels:
+        section(f"self-check {kernels}", lambda: self_check_case(kernels))  # noqa: B023
+        save()
 
     single_floor = step_floor(model, 2 * GRID**2, 2, bandwidth, flop_rate)
     RESULTS["floor one 4x4 decode s"] = single_floor
-    alone: dict[str, Tensor] = {}  # job 0's tokens by case name
+    alone: dict[str, Tensor] = {}  # job 0's tokens by kernels
 
-    def single_case(block_rows: int, use_graphs: bool) -> None:
-        name = f"block {block_rows}, {'graphs' if use_graphs else 'eager'}"
-        decoder = BatchDecoder(
-            model, max_rows=2 * GRID**2, block_rows=block_rows, use_cuda_graphs=use_graphs
-        )
+    def single_case(kernels: str) -> None:
+        decoder = new_decoder(kernels, 2 * GRID**2)
         warm = run_jobs(decoder, model, [first], {})[first.id]  # warm-up (and graph capture)
         seconds, tokens = best_of(args.repeat, lambda: run_jobs(decoder, model, [first], {}))
-        alone[name] = tokens[first.id]
-        RESULTS[f"one 4x4 {name} s"] = seconds
-        RESULTS[f"one 4x4 {name} repeatable"] = torch.equal(warm, alone[name])
+        alone[kernels] = tokens[first.id]
+        RESULTS[f"one 4x4 {kernels} s"] = seconds
+        RESULTS[f"one 4x4 {kernels} repeatable"] = torch.equal(warm, alone[kernels])
         print(
-            f"BatchDecoder one 4×4 job, {name}: {seconds:.3f} s (decode floor "
+            f"BatchDecoder one 4×4 job, {kernels}: {seconds:.3f} s (decode floor "
             f"{single_floor:.3f} s: {single_floor / seconds:.0%}); same tokens as its first "
-            f"run: {torch.equal(warm, alone[name])}"
+            f"run: {torch.equal(warm, alone[kernels])}",
+            flush=True,
         )
+        step_costs(decoder, model, [first], f"one 4x4 {kernels}")
 
-    for block_rows in args.block_rows:
-        for use_graphs in (False, True) if args.eager else (True,):
-            section(f"one job, block {block_rows}", lambda: single_case(block_rows, use_graphs))  # noqa: B023
-    names = list(alone)
-    for i, name in enumerate(names):
-        for other in names[i + 1 :]:
-            same = torch.equal(alone[name], alone[other])
-            RESULTS[f"tokens {name} == {other}"] = same
-            print(f"one job: tokens of {name} and {other} identical: {same}")
+    for kernels in args.kernels:
+        section(f"one job, {kernels}", lambda: single_case(kernels))  # noqa: B023
+        save()
 
-    def concurrent_case(block_rows: int) -> None:
-        rows = 2 * GRID**2 * len(jobs)
-        decoder = BatchDecoder(model, max_rows=rows, block_rows=block_rows)
-        run_jobs(decoder, model, jobs, {})  # warm-up (and graph capture)
-        for use_graphs in (True, False) if args.eager else (True,):
-            name = f"block {block_rows}, {'graphs' if use_graphs else 'eager'}"
-            decoder.paged.use_cuda_graphs = use_graphs
-            start = synchronized()
-            tokens = run_jobs(decoder, model, jobs, {})
-            seconds = synchronized() - start
-            images = len(jobs) * GRID**2
-            floor = step_floor(model, rows, len(jobs) + 1, bandwidth, flop_rate)
-            RESULTS[f"floor {len(jobs)} jobs decode s"] = floor
-            RESULTS[f"{len(jobs)} jobs {name} s"] = seconds
-            RESULTS[f"{len(jobs)} jobs {name} images/s"] = images / seconds
-            print(
-                f"BatchDecoder {len(jobs)} concurrent 4×4 jobs, {name}: {seconds:.2f} s, "
-                f"{images / seconds:.1f} images/s (decode floor {floor:.2f} s: "
-                f"{floor / seconds:.0%})"
-            )
-            if name in alone:
-                same = torch.equal(tokens[first.id], alone[name])
-                RESULTS[f"alone == among {len(jobs)} ({name})"] = same
-                print(f"job 0 alone and among {len(jobs)}: tokens identical: {same}")
+    def concurrent_case(kernels: str, count: int) -> None:
+        rows = 2 * GRID**2 * count
+        decoder = new_decoder(kernels, rows)
+        run_jobs(decoder, model, jobs[:count], {})  # warm-up (and graph capture)
+        start = synchronized()
+        tokens = run_jobs(decoder, model, jobs[:count], {})
+        seconds = synchronized() - start
+        images = count * GRID**2
+        floor = step_floor(model, rows, count + 1, bandwidth, flop_rate)
+        name = f"{count} jobs {kernels}"
+        RESULTS[f"floor {count} jobs decode s"] = floor
+        RESULTS[f"{name} s"] = seconds
+        RESULTS[f"{name} images/s"] = images / seconds
+        print(
+            f"BatchDecoder {count} concurrent 4×4 jobs, {kernels}: {seconds:.2f} s, "
+            f"{images / seconds:.1f} images/s (decode floor {floor:.2f} s: "
+            f"{floor / seconds:.0%})",
+            flush=True,
+        )
+        if kernels in alone:
+            same = torch.equal(tokens[first.id], alone[kernels])
+            RESULTS[f"alone == among {count} ({kernels})"] = same
+            print(f"job 0 alone and among {count}: tokens identical: {same}", flush=True)
+        step_costs(decoder, model, jobs[:count], name)
         RESULTS["peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
         del decoder
         torch.cuda.empty_cache()
 
-    for block_rows in args.block_rows:
-        section(f"concurrent jobs, block {block_rows}", lambda: concurrent_case(block_rows))  # noqa: B023
+    for kernels in args.concurrent_kernels:
+        for count in args.jobs:
+            section(f"{count} jobs, {kernels}", lambda: concurrent_case(kernels, count))  # noqa: B023
+            save()
 
-    def late_join_case(block_rows: int) -> None:
+    def late_join_case(kernels: str) -> None:
         others = make_jobs(9, 1000)[1:]
-        decoder = BatchDecoder(model, max_rows=2 * GRID**2 * 9, block_rows=block_rows)
+        decoder = new_decoder(kernels, 2 * GRID**2 * 9)
         tokens = run_jobs(decoder, model, [first, *others], {first.id: 37})
-        name = f"block {block_rows}, graphs"
-        same = torch.equal(tokens[first.id], alone[name])
-        RESULTS[f"alone == joined late ({name})"] = same
-        print(f"job 0 alone and joined at step 37 among 8 ({name}): identical: {same}")
+        same = torch.equal(tokens[first.id], alone[kernels])
+        RESULTS[f"alone == joined late ({kernels})"] = same
+        print(f"job 0 alone and joined at step 37 among 8 ({kernels}): identical: {same}")
 
-    for block_rows in args.block_rows:
-        section(f"late join, block {block_rows}", lambda: late_join_case(block_rows))  # noqa: B023
-    section("kernels", kernels_case)
+    for kernels in args.concurrent_kernels:
+        section(f"late join, {kernels}", lambda: late_join_case(kernels))  # noqa: B023
+    save()
 
     def vqgan_case() -> None:
         detokenizer = model.detokenizer
@@ -398,10 +371,8 @@ def main() -> None:
 
     if not args.skip_vqgan:
         section("VQGAN", vqgan_case)
-
+    save()
     print("\n" + json.dumps(RESULTS, indent=1, default=str))
-    if args.out is not None:
-        args.out.write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,19 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return F.linear(x, weight)
 
 
+def fuse_rows(*linears: nn.Linear) -> Tensor:
+    """One weight for several products of the same input: the linears' weights stacked by
+    output row, so that one product computes them all. Each linear's weight becomes a view of
+    its rows of the stack: no second copy of the weights is kept."""
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = fused[start : start + rows]
+        start += rows
+    return fused
+
+
 class Linear(nn.Linear):
     """A bias-free nn.Linear (min-dalle's parameter names) computed with `linear`."""
 
@@ -180,6 +193,14 @@ class TextContext:
     attention_mask: Tensor  # (G, 1, 1, T), True where a text token is not padding
 
 
+@dataclass(frozen=True)
+class FusedWeights:
+    """One decoder layer's products of the same input, each as one matrix."""
+
+    qkv: Tensor  # (3E, E): q_proj's rows, then k_proj's, then v_proj's
+    fc01: Tensor  # (2G, E): the GLU's fc0 rows (its gate), then fc1's
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -232,6 +253,22 @@ class DalleBartDecoder(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(config.embed_count)
         self.final_ln = nn.LayerNorm(config.embed_count)
         self.lm_head = nn.Linear(config.embed_count, config.image_vocab_count + 1, bias=False)
+        self._fused: list[FusedWeights] | None = None
+
+    def fused_weights(self) -> list[FusedWeights]:
+        """Each layer's q/k/v weights as one (3E, E) matrix and fc0/fc1's as one (2G, E), built
+        once (`fuse_rows`: the layers keep views of them, not copies)."""
+        if self._fused is None:
+            with torch.no_grad():
+                self._fused = [
+                    FusedWeights(
+                        fuse_rows(layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                  layer.self_attn.v_proj),
+                        fuse_rows(layer.glu.fc0, layer.glu.fc1),
+                    )
+                    for layer in cast("list[DecoderLayer]", self.layers)
+                ]  # fmt: skip
+        return self._fused
 
     def text_context(self, encoder_state: Tensor, text_tokens: Tensor) -> TextContext:
         """Project the encoder state into every layer's cross-attention keys and values, once."""

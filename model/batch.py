@@ -1,8 +1,7 @@
 """Continuous batching: one decoder step for many jobs at once, each at its own position.
 
 A job is one prompt's grid: 2·N decoder rows (N unconditioned, then N conditioned), its own
-seed and sampling settings, and its own torch.Generator. Jobs join and leave between steps;
-nobody waits for anybody.
+seed and sampling settings. Jobs join and leave between steps; nobody waits for anybody.
 
 Memory is preallocated in pages (model/pages.py): a page serves jobs of one grid size, a job
 takes a free slot of a page of its size, and a new page is allocated when none is free. Text
@@ -16,27 +15,31 @@ A step runs the decoder over the used slots of every page, concatenated:
 - attention runs once per page: the new keys/values are written at each row's own position, the
   queries attend to their rows' caches (masked beyond each row's position) and to their slot's
   text rows;
-- sampling (supercondition, top-k, temperature, the job's generator) runs per job.
+- sampling (supercondition, temperature, top-k and the draw) runs once per page over all its
+  rows, with each row's settings in device tensors and counter-based noise keyed by (seed,
+  image, position) (model/sampler.py): a farm seed's images are not min-dalle's.
 
-Nothing in a step waits for the device: positions, tokens and masks live in device tensors, and
-the host only counts steps (and reads the jobs' NaN flags every NAN_CHECK_EVERY steps and when
-jobs finish). On CUDA the step can be replayed from a CUDA graph captured once per page layout
-and attention length (`use_cuda_graphs`).
+Nothing in a step waits for the device: positions, tokens, settings and masks live in device
+tensors, and the host only counts steps (and reads the jobs' NaN flags every NAN_CHECK_EVERY
+steps and when jobs finish). On CUDA the whole step, sampling included, is replayed from a CUDA
+graph captured once per page layout (`use_cuda_graphs`).
 
 Isolation: a job's failure never reaches another job. Settings the sampler cannot compute are
 refused by `add` (ValueError). No row's result depends on another row's values (every op is
-row-wise, or per page slot), so a job whose numbers go wrong (NaN logits, an exception in its
-sampling) is dropped and reported in `StepResult.failed`, and the other jobs' tokens are the
-ones they would have had without it. Only a failure of the shared forward itself raises.
+row-wise, or per page slot), so a job whose numbers go wrong (NaN logits) is dropped and
+reported in `StepResult.failed`, and the other jobs' tokens are the ones they would have had
+without it. Only a failure of the shared step itself raises.
 
-Batch invariance: a job's tokens depend only on its text, seed, settings, the weights and
-`block_rows`; never on which other jobs share its steps, when it joined, or whether it was
-resumed from a checkpoint. model/batch_forward.py says how the step's forward keeps it so.
+Batch invariance: a job's tokens depend only on its text, seed, settings, the weights and the
+step's operations (`kernels`, `block_rows`); never on which other jobs share its steps, when it
+joined, or whether it was resumed from a checkpoint. model/batch_forward.py says how the step
+keeps it so, and `self_check` verifies it on the device at hand.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -47,14 +50,10 @@ from torch import Tensor
 from model.bart import DalleBartDecoder, DalleBartEncoder, TextContext
 from model.batch_forward import PagedForward
 from model.config import IMAGE_TOKEN_COUNT, VQGAN_CODE_COUNT
-from model.generate import (
-    START_TOKEN,
-    SamplingSettings,
-    check_guided_settings,
-    guided_probs,
-    sample,
-)
-from model.pages import Page, spans
+from model.generate import SamplingSettings, check_guided_settings
+from model.kernels import triton_available
+from model.pages import Page
+from model.sampler import width_for
 
 if TYPE_CHECKING:
     from model.min_dalle import MinDalle
@@ -69,6 +68,9 @@ PAGE_ROWS = 256
 # Steps between two reads of the jobs' NaN flags (a read waits for the device). A job that
 # finishes is checked before its tokens are handed out, whatever the step.
 NAN_CHECK_EVERY = 32
+# The self-check's batch (rows, at most) and the tokens it compares.
+SELF_CHECK_ROWS = 2048
+SELF_CHECK_STEPS = 8
 
 
 class BatchFull(ValueError):
@@ -76,8 +78,8 @@ class BatchFull(ValueError):
 
 
 class JobFailed(ValueError):
-    """One job could not be decoded (NaN logits, an error in its sampling); it left the batch,
-    and no other job was affected."""
+    """One job could not be decoded (NaN logits); it left the batch, and no other job was
+    affected."""
 
 
 @dataclass
@@ -93,20 +95,19 @@ class _Job:
     id: str
     page: Page
     slot: int
-    generator: torch.Generator
     settings: SamplingSettings
-    temperature: Tensor  # (1,) float32, as in model.generate
-    factor: Tensor  # (1,) float32
-    tokens: Tensor  # (N, 256); positions not generated yet hold START_TOKEN
-    is_nan: Tensor  # (N,) bool: a row's logits held NaN at some step
     replay: int = 0  # the first `replay` tokens come from a checkpoint
     position: int = 0  # the next position to decode
-    replayed: Tensor | None = None  # (N, replay) the tokens drawn while replaying
     replay_mismatches: int = 0  # replayed tokens the sampler did not reproduce
 
     @property
     def rows(self) -> int:
-        return 2 * self.tokens.shape[0]
+        return 2 * self.page.image_count
+
+    @property
+    def tokens(self) -> Tensor:
+        """(N, 256), a view of the page's: positions not generated yet hold START_TOKEN."""
+        return self.page.tokens[self.page.images_of(self.slot)]
 
 
 class BatchDecoder:
@@ -118,7 +119,11 @@ class BatchDecoder:
         max_rows: int | None = None,
         block_rows: int | None = None,
         use_cuda_graphs: bool = True,
+        kernels: str | None = None,
     ):
+        """`kernels`: the step's operations (model/batch_ops.py), "torch" or "triton"; None
+        takes "triton" on CUDA where Triton is installed, else "torch". Call `self_check` to
+        verify them on the device before serving."""
         if model.encoder is None or model.decoder is None:
             raise ValueError("BatchDecoder needs a MinDalle built with is_reusable=True")
         if max_rows is not None and max_rows < 2:
@@ -129,8 +134,14 @@ class BatchDecoder:
         self.device = model.device
         self.dtype = model.dtype
         self.max_rows = max_rows
-        # The step's forward: block_rows, page_attention and use_cuda_graphs are its settings.
-        self.paged = PagedForward(self.decoder, block_rows, use_cuda_graphs)
+        if kernels is None:
+            use_triton = self.device.type == "cuda" and triton_available()
+            kernels = "triton" if use_triton else "torch"
+        self.paged = PagedForward(self.decoder, kernels, block_rows, use_cuda_graphs)
+        # One draw over each page's rows wherever a device applies the same function to every
+        # element (CUDA); per job on the CPU, whose vectorised log computes an element by other
+        # code depending on where it falls in the tensor (Page.advance).
+        self.batched_draw = self.device.type == "cuda"
         self._jobs: dict[str, _Job] = {}
         self._pages: dict[int, list[Page]] = {}  # by image count
         self._text_rows: OrderedDict[tuple[int, ...], TextContext] = OrderedDict()
@@ -180,9 +191,9 @@ class BatchDecoder:
         """Encode the prompt and join the batch at the next step.
 
         With `tokens` (N, p), the first p image tokens of an earlier run with the same arguments,
-        the job resumes: its first p steps recompute the cache and draw the generator exactly as
-        the original steps did, but keep the checkpoint's tokens; the final tokens equal an
-        uninterrupted run's.
+        the job resumes: its first p steps recompute the cache and draw exactly as the original
+        steps did, but keep the checkpoint's tokens; the final tokens equal an uninterrupted
+        run's.
 
         Raises ValueError, naming the setting and its range, for what the sampler cannot compute
         (SamplingSettings and `check_guided_settings`), and BatchFull past max_rows.
@@ -202,32 +213,18 @@ class BatchDecoder:
                 f"job {job_id!r} needs {2 * image_count} rows; {self.rows} of max_rows="
                 f"{self.max_rows} are in use"
             )
-        image_tokens = torch.full(
-            (image_count, IMAGE_TOKEN_COUNT), START_TOKEN, dtype=torch.long, device=self.device
-        )
         replay = 0
         if tokens is not None:
             replay = self._check_checkpoint(tokens, image_count)
-            image_tokens[:, :replay] = tokens.to(self.device)
+        if seed <= 0:  # random, as in min-dalle
+            seed = secrets.randbits(63)
 
         # Each text row is encoded and projected once however many jobs use it.
         text_rows = [self._row_context(row) for row in self.model._text_tokens(text)]
         page, slot = self._free_slot(image_count)
-        job = _Job(
-            id=job_id,
-            page=page,
-            slot=slot,
-            generator=self.model._generator(seed),
-            settings=settings,
-            temperature=torch.tensor([settings.temperature], device=self.device),
-            factor=torch.tensor([settings.supercondition_factor], device=self.device),
-            tokens=image_tokens,
-            is_nan=torch.zeros(image_count, dtype=torch.bool, device=self.device),
-            replay=replay,
-            replayed=image_tokens[:, :replay].clone() if replay else None,
-        )
+        job = _Job(id=job_id, page=page, slot=slot, settings=settings, replay=replay)
         try:
-            page.take(job, text_rows)
+            page.take(job, text_rows, seed, settings, tokens)
         except BaseException:
             page.leave(slot)  # never a slot held by a job that is not in the batch
             raise
@@ -289,6 +286,67 @@ class BatchDecoder:
         if job is not None:
             self._leave(job)
 
+    # -- the device's check -------------------------------------------------------------
+
+    def self_check(self, rows: int | None = None, steps: int = SELF_CHECK_STEPS) -> bool:
+        """Verify, on this device, that a job's tokens are the same alone and in a full batch of
+        `rows` rows (default: max_rows, at most SELF_CHECK_ROWS) with the step's operations; if
+        they are not, or the operations fail, fall back to "torch" and log why.
+
+        Returns whether the operations in use at the call passed. The check runs on decoders of
+        its own; this one's jobs are not touched (call it before adding any)."""
+        kernels = self.paged.kernels
+        rows = rows or min(self.max_rows or SELF_CHECK_ROWS, SELF_CHECK_ROWS)
+        try:
+            reason = self._invariance_failure(rows, steps)
+        except Exception as error:  # a kernel that does not build or run here
+            logger.exception("self-check: the %r kernels failed on %s", kernels, self.device)
+            reason = f"raised {type(error).__name__}: {error}"
+        if reason is None:
+            logger.info("self-check: %r kernels are batch-invariant on %s", kernels, self.device)
+            return True
+        if kernels == "torch":
+            logger.error("self-check: the 'torch' operations %s on %s", reason, self.device)
+        else:
+            logger.warning(
+                "self-check: the %r kernels %s on %s; falling back to 'torch'",
+                kernels, reason, self.device,
+            )  # fmt: skip
+            self.paged = PagedForward(
+                self.decoder, "torch", use_cuda_graphs=self.paged.use_cuda_graphs
+            )
+        return False
+
+    def _invariance_failure(self, rows: int, steps: int) -> str | None:
+        """Why a probe job's first `steps` tokens differ alone and among others, or None."""
+
+        def probe_tokens(among_others: bool) -> Tensor:
+            decoder = BatchDecoder(
+                self.model, kernels="torch", use_cuda_graphs=self.paged.use_cuda_graphs
+            )
+            decoder.paged.ops = self.paged.ops  # the very operations in use (block_rows too)
+            settings = SamplingSettings()
+            if among_others:  # a neighbour on each side of its slot, and 4×4 jobs to fill up
+                decoder.add("before", "a self-check neighbour", 1, 1, settings)
+            decoder.add("probe", "a self-check: one job alone and among others", 7, 1, settings)
+            if among_others:
+                decoder.add("after", "another self-check neighbour", 2, 1, settings)
+                for i in range((rows - 6) // 32):
+                    decoder.add(f"filler-{i}", f"self-check filler {i % 8}", 10 + i, 4, settings)
+            try:
+                for _ in range(steps):
+                    decoder.step()
+                return decoder.tokens("probe")
+            finally:  # a job and its page refer to each other: free the pages now, not at GC
+                for job_id in decoder.active:
+                    decoder.cancel(job_id)
+
+        alone, among = probe_tokens(False), probe_tokens(True)
+        if torch.equal(alone, among):
+            return None
+        differ = int((alone != among).sum())
+        return f"gave a job {differ} of {alone.numel()} other tokens among {rows} rows than alone"
+
     # -- decoding -------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -305,26 +363,17 @@ class BatchDecoder:
             return result
         layout = [(page, page.used) for pages in self._pages.values() for page in pages]
         layout = [(page, used) for page, used in layout if used]  # empty pages take no part
-        logits = self.paged.logits(layout, max(job.position for job in self._jobs.values()))
-
-        starts = {page.id: rows.start for page, rows in spans(layout)}
-        for job in list(self._jobs.values()):
-            rows = job.page.rows_of(job.slot)
-            first = starts[job.page.id] + rows.start
-            try:
-                token = self._sample(job, logits[first : first + job.rows])
-                job.page.prev[rows].view(2, -1).copy_(token.expand(2, -1))
-            except Exception as error:  # this job's own sampling: the others go on
-                logger.exception("job %s: sampling failed at token %d", job.id, job.position)
-                reason = f"sampling failed at token {job.position}: {error}"
-                self._fail(job, reason, result, cause=error)
-                continue
+        jobs = list(self._jobs.values())
+        width = None
+        if self.batched_draw:
+            width = width_for(max(job.settings.top_k for job in jobs))
+        self.paged.step(layout, max(job.position for job in jobs), width)
+        for job in jobs:
             job.position += 1
+            if job.position == job.replay:
+                self._check_replay(job)
             if job.position == IMAGE_TOKEN_COUNT:
-                result.finished[job.id] = job.tokens
-        for page, _ in layout:
-            # Free rows advance too (harmlessly); a new job resets its slot's rows.
-            page.positions.add_(1).clamp_(max=IMAGE_TOKEN_COUNT - 1)
+                result.finished[job.id] = job.tokens.clone()
         self._steps += 1
         if result.finished or self._steps % NAN_CHECK_EVERY == 0:
             self._check_nan(result)
@@ -346,8 +395,8 @@ class BatchDecoder:
         jobs = list(self._jobs.values())
         if not jobs:
             return
-        flags = torch.stack([job.is_nan.any() for job in jobs]).tolist()
-        for job, is_nan in zip(jobs, flags, strict=True):
+        flags = torch.stack([job.page.is_nan[job.page.images_of(job.slot)].any() for job in jobs])
+        for job, is_nan in zip(jobs, flags.tolist(), strict=True):
             if is_nan:
                 reason = (
                     f"its logits became NaN by token {job.position} (the model's numbers "
@@ -356,31 +405,14 @@ class BatchDecoder:
                 logger.warning("job %s: %s", job.id, reason)
                 self._fail(job, reason, result)
 
-    def _sample(self, job: _Job, logits: Tensor) -> Tensor:
-        """Draw the job's next token per image; return the token its rows continue from."""
-        probs, is_nan = guided_probs(logits, job.factor, job.temperature, job.settings.top_k)
-        job.is_nan.logical_or_(is_nan)
-        sampled = sample(probs, job.generator)
-        if job.position >= job.replay:
-            job.tokens[:, job.position] = sampled
-            return sampled
-        # Resuming: the draw above advanced the generator as the original step did; the
-        # checkpoint's token stays (and should be the one just drawn). The draws are compared
-        # once, at the end of the replay, so that no step waits for the device.
-        assert job.replayed is not None
-        job.replayed[:, job.position] = sampled
-        if job.position + 1 == job.replay:
-            self._check_replay(job)
-        return job.tokens[:, job.position]
-
     @staticmethod
     def _check_replay(job: _Job) -> None:
-        assert job.replayed is not None
-        job.replay_mismatches = int((job.replayed != job.tokens[:, : job.replay]).sum())
-        job.replayed = None
+        """At the end of a resumed job's replay: count the draws that differ from the checkpoint
+        (one read, once per job)."""
+        job.replay_mismatches = int(job.page.mismatches[job.page.images_of(job.slot)].sum())
         if job.replay_mismatches:
             logger.warning(
                 "job %s: %d of its %d checkpoint tokens were not reproduced (the weights, "
-                "dtype or device changed since); the checkpoint's are kept",
+                "dtype, device or kernels changed since); the checkpoint's are kept",
                 job.id, job.replay_mismatches, job.replay * job.tokens.shape[0],
             )  # fmt: skip

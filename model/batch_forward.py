@@ -1,8 +1,10 @@
-"""One decoder step's logits for the rows of many pages, batch-invariant.
+"""One decoder step for the rows of many pages, batch-invariant: logits, then each page's draw.
 
-BatchDecoder (model/batch.py) owns the jobs and their sampling; `PagedForward` computes a step's
-logits over the used slots of every page (model/pages.py), concatenated, and replays it from a
-CUDA graph on a GPU.
+BatchDecoder (model/batch.py) owns the jobs; `PagedForward` runs a step over the used slots of
+every page (model/pages.py), concatenated: the decoder's forward, with q/k/v and fc0/fc1 each as
+one product (`DalleBartDecoder.fused_weights`), then each page's sampling (`Page.advance`). On a
+GPU the whole step is replayed from a CUDA graph. Its operations are a set from
+model/batch_ops.py: TorchOps, whose invariance is argued below, or TritonOps (model/kernels/).
 
 Batch invariance: a job's tokens depend only on its text, seed, settings, the weights and
 `block_rows`; never on which other jobs share its steps, when it joined, or whether it was
@@ -10,7 +12,7 @@ resumed from a checkpoint. Three things would break this with a plain batched fo
 
 1. A matrix product's result for a row can depend on the total row count: MKL, oneDNN and cuBLAS
    pick kernels (and reduction orders, split-K on a GPU) by shape, and `model.bart.linear` itself
-   switches paths by row count. So `_linear` pads the rows to a multiple of `block_rows` and
+   switches paths by row count. So `TorchOps.linear` pads the rows to a multiple of `block_rows` and
    multiplies fixed-size blocks: every row always sees the same (block_rows, K) × (K, N) product,
    and a row's result does not depend on its slot in the block or on the other rows in it
    (checked in tests/test_batch.py). The cost: a lone job pays for `block_rows` rows of compute,
@@ -36,150 +38,135 @@ from collections import OrderedDict
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from model.bart import DalleBartDecoder, DecoderLayer, linear
+from model.bart import DalleBartDecoder, DecoderLayer
+from model.batch_ops import StepOps, step_ops
 from model.config import IMAGE_TOKEN_COUNT, VQGAN_CODE_COUNT
 from model.pages import Page, spans, stack
 
-# Rows per block of every batched matrix product (see the module docstring, point 1).
-DEFAULT_BLOCK_ROWS = 16
-# On a GPU one weight read serves many more rows before the step stops being bound by it. On an
-# H200, cuBLAS gave Mega's fc2 rows that differ below 128 rows and agree from 128 up
-# (bench/bench_gpu.py, kernels_case).
-CUDA_BLOCK_ROWS = 128
-# On CUDA, self-attention reads the positions up to the page's furthest row, rounded up to a
-# multiple of this (fewer distinct shapes, hence fewer CUDA graphs).
+# On CUDA with TorchOps, self-attention reads the positions up to the page's furthest row,
+# rounded up to a multiple of this (fewer distinct shapes, hence fewer CUDA graphs).
 CUDA_ATTENTION_BUCKET = 64
-# CUDA graphs kept, least recently used dropped first (one per page layout and attention length).
+# CUDA graphs kept, least recently used dropped first (one per page layout, attention length and
+# top-k width).
 CUDA_GRAPHS_KEPT = 16
 
 
 class PagedForward:
-    """The decoder's forward over pages. `block_rows` None: the device's default."""
+    """The decoder's step over pages, with the operations named `kernels` ("torch" or
+    "triton"). `block_rows` (TorchOps only) None: the device's default."""
 
     def __init__(
-        self, decoder: DalleBartDecoder, block_rows: int | None = None, use_cuda_graphs: bool = True
+        self,
+        decoder: DalleBartDecoder,
+        kernels: str = "torch",
+        block_rows: int | None = None,
+        use_cuda_graphs: bool = True,
     ):
         self.decoder = decoder
         self.device = decoder.embed_tokens.weight.device
-        is_cuda = self.device.type == "cuda"
-        if block_rows is None:
-            block_rows = CUDA_BLOCK_ROWS if is_cuda else DEFAULT_BLOCK_ROWS
-        if block_rows < 0:
-            raise ValueError(f"block_rows must be positive (or 0: no blocks), got {block_rows}")
-        self.block_rows = block_rows
-        self.use_cuda_graphs = use_cuda_graphs and is_cuda
-        # Self-attention once per page (CUDA), or per job over its exact positions (CPU); see
-        # the module docstring, point 3.
-        self.page_attention = is_cuda
-        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, Tensor]] = OrderedDict()
+        self.ops: StepOps = step_ops(kernels, self.device, block_rows)
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self.fused = decoder.fused_weights()
+        self._graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
+
+    @property
+    def kernels(self) -> str:
+        return self.ops.name
 
     def forget_graphs(self) -> None:
         """Drop every CUDA graph (some of them replay into a page that is being freed)."""
         self._graphs.clear()
 
-    def logits(self, layout: list[tuple[Page, int]], furthest: int) -> Tensor:
-        """(rows, VQGAN_CODE_COUNT): the step's logits for each page's first `used` slots, page
-        after page, padding rows at the end; `furthest` is the furthest row's position."""
-        length = furthest + 1
-        if self.page_attention:
+    def step(self, layout: list[tuple[Page, int]], furthest: int, width: int | None) -> None:
+        """Decode one token for each page's first `used` slots; `furthest` is the furthest
+        row's position, `width` the draw's top-k width (None: per job, see Page.advance)."""
+        length = 0  # unused unless the operations attend over a common length
+        if self.ops.uses_length:
             bucket = CUDA_ATTENTION_BUCKET
-            length = min(IMAGE_TOKEN_COUNT, -(-length // bucket) * bucket)
+            length = min(IMAGE_TOKEN_COUNT, -(-(furthest + 1) // bucket) * bucket)
         if self.use_cuda_graphs:
-            return self._replay(layout, length)
-        return self.forward(layout, length)
+            self._replay(layout, length, width)
+        else:
+            self.run(layout, length, width)
 
-    def _replay(self, layout: list[tuple[Page, int]], length: int) -> Tensor:
-        """`forward` replayed from a CUDA graph captured for this layout and length.
+    def _replay(self, layout: list[tuple[Page, int]], length: int, width: int | None) -> None:
+        """`run` replayed from a CUDA graph captured for this layout, length and width.
 
-        Every input the graph reads (weights, caches, text rows, prev tokens, positions) lives at
-        a fixed address, so a captured step stays valid until a page it reads is freed.
+        Every input the graph reads (weights, caches, text rows, prev tokens, positions,
+        sampling settings) lives at a fixed address, so a captured step stays valid until a
+        page it reads is freed. The warm-up step before a capture moves its pages on, so their
+        state is put back before the replay (the capture itself only records).
         """
-        key = (tuple((page.id, used) for page, used in layout), length)
-        entry = self._graphs.pop(key, None)
-        if entry is None:
-            # Warm up outside the capture (kernel selection, workspaces). The warm-up step writes
-            # the same keys and values at the same positions as the replay below.
+        key = (tuple((page.id, used) for page, used in layout), length, width)
+        graph = self._graphs.pop(key, None)
+        if graph is None:
+            saved = [page.state() for page, _ in layout]
+            # Warm up outside the capture (kernel selection, workspaces, Triton compiles).
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self.forward(layout, length)
+                self.run(layout, length, width)
             torch.cuda.current_stream(self.device).wait_stream(stream)
+            for (page, _), state in zip(layout, saved, strict=True):
+                page.restore(state)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = self.forward(layout, length)
-            entry = (graph, logits)
-        self._graphs[key] = entry  # most recently used last
+                self.run(layout, length, width)
+        self._graphs[key] = graph  # most recently used last
         while len(self._graphs) > CUDA_GRAPHS_KEPT:
             self._graphs.popitem(last=False)
-        graph, logits = entry
         graph.replay()
-        return logits
 
-    def linear(self, x: Tensor, weight: Tensor) -> Tensor:
-        """x @ weight.T over fixed blocks of block_rows rows (x's rows are a multiple of it), or
-        in one product with block_rows=0."""
-        if not self.block_rows or x.shape[0] == self.block_rows:
-            return linear(x, weight)
-        return torch.cat([linear(block, weight) for block in x.split(self.block_rows)])
+    def run(self, layout: list[tuple[Page, int]], length: int, width: int | None) -> None:
+        """One step, eagerly: the logits of each page's rows, then each page's draw."""
+        logits = self.logits(layout, length)
+        for page, rows in spans(layout):
+            page.advance(logits[rows], width)
 
-    def forward(self, layout: list[tuple[Page, int]], length: int) -> Tensor:
+    def logits(self, layout: list[tuple[Page, int]], length: int) -> Tensor:
         """The logits of one step for the rows of each page's first `used` slots, page after
         page: (rows, VQGAN_CODE_COUNT), padding rows at the end."""
-        decoder = self.decoder
+        decoder, ops = self.decoder, self.ops
         step_spans = spans(layout)
         inputs = [
             decoder.embed_tokens(page.prev[: rows.stop - rows.start])
             + decoder.embed_positions(page.positions[: rows.stop - rows.start])
             for page, rows in step_spans
         ]
-        total, block = step_spans[-1][1].stop, self.block_rows or 1
+        total, block = step_spans[-1][1].stop, ops.block_rows or 1
         padding = -(-total // block) * block - total
-        x = decoder.layernorm_embedding(stack(inputs, padding))  # (rows + padding, E)
-        # Self-attention once per page (CUDA), or per job over its exact positions (CPU); see
-        # the module docstring, point 3.
-        masks = [
-            page.self_mask(rows.stop - rows.start, length) if self.page_attention else None
-            for page, rows in step_spans
-        ]
-
-        for i, layer in enumerate(cast("list[DecoderLayer]", decoder.layers)):
-            attn = layer.self_attn
-            h = layer.pre_self_attn_layer_norm(x)
-            q, k, v = (self.linear(h, p.weight) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        x = ops.norm(stack(inputs, padding), decoder.layernorm_embedding)  # (rows + padding, E)
+        layers = cast("list[DecoderLayer]", decoder.layers)
+        h = ops.norm(x, layers[0].pre_self_attn_layer_norm)
+        for i, layer in enumerate(layers):
+            q, k, v = ops.linear(h, self.fused[i].qkv).chunk(3, dim=-1)
             out = stack(
                 [
-                    page.self_attention(i, q[rows], k[rows], v[rows], mask)
-                    for (page, rows), mask in zip(step_spans, masks, strict=True)
+                    ops.self_attention(page, i, q[rows], k[rows], v[rows], length)
+                    for page, rows in step_spans
                 ],
                 padding,
             )
-            x = x + layer.self_attn_layer_norm(self.linear(out, attn.out_proj.weight))
+            attn = layer.self_attn
+            x, h = ops.add_norm(
+                x, ops.linear(out, attn.out_proj.weight), layer.pre_encoder_attn_layer_norm,
+                layer.self_attn_layer_norm,
+            )  # fmt: skip
 
             attn = layer.encoder_attn
-            q = self.linear(layer.pre_encoder_attn_layer_norm(x), attn.q_proj.weight)
+            q = ops.linear(h, attn.q_proj.weight)
             out = stack([page.cross_attention(i, q[rows]) for page, rows in step_spans], padding)
-            x = x + layer.encoder_attn_layer_norm(self.linear(out, attn.out_proj.weight))
+            x, h = ops.add_norm(
+                x, ops.linear(out, attn.out_proj.weight), layer.glu.ln0,
+                layer.encoder_attn_layer_norm,
+            )  # fmt: skip
 
             glu = layer.glu
-            h = glu.ln0(x)
-            gate, up = self.linear(h, glu.fc0.weight), self.linear(h, glu.fc1.weight)
-            x = x + self.linear(glu.ln1(self._gelu(gate, step_spans) * up), glu.fc2.weight)
-
-        x = decoder.final_ln(x)
+            h = ops.glu_norm(ops.linear(h, self.fused[i].fc01), glu.ln1, step_spans)
+            after = layers[i + 1].pre_self_attn_layer_norm if i + 1 < len(layers) else None
+            after = decoder.final_ln if after is None else after
+            x, h = ops.add_norm(x, ops.linear(h, glu.fc2.weight), after, None)
         # Only the VQGAN's codes can be sampled; the remaining rows of lm_head are never read.
-        return self.linear(x, decoder.lm_head.weight[:VQGAN_CODE_COUNT])
-
-    def _gelu(self, x: Tensor, step_spans: list[tuple[Page, slice]]) -> Tensor:
-        """GELU, per job on the CPU (see the module docstring, point 2)."""
-        if self.device.type == "cuda":
-            return F.gelu(x)
-        out = x.clone()
-        for page, rows in step_spans:
-            for job in page.jobs:
-                if job is not None:
-                    first = rows.start + page.rows_of(job.slot).start
-                    out[first : first + job.rows] = F.gelu(x[first : first + job.rows])
-        return out
+        return ops.linear(h, decoder.lm_head.weight[:VQGAN_CODE_COUNT])

@@ -98,6 +98,11 @@ class BatchEngine:
     def __init__(self, model: MinDalle, max_rows: int) -> None:
         self.model = model
         self.decoder = BatchDecoder(model, max_rows=max_rows)
+        if self.decoder.device.type == "cuda":
+            # The GPU's kernels keep a job's tokens independent of its neighbours only where
+            # this device and driver compute them as tested; verify before serving (else the
+            # decoder falls back to its safe operations, and says why in the log).
+            self.decoder.self_check()
         self.max_rows = max_rows
         self._lock = threading.Condition()
         self._pending: deque[_Ticket] = deque()
