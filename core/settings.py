@@ -19,6 +19,18 @@ DALLE_FARM_MAX_ATTEMPTS       a job that crashed workers this many times fails (
 DALLE_FARM_MAX_JOBS           jobs a worker process decodes at once, in one batch (default 8)
 DALLE_FARM_BATCH_ROWS         decoder rows in a batch (2 per image: a 4×4 grid takes 32);
                               0 sizes it to half the free GPU (or host) memory (default 0)
+DALLE_FARM_PNG_COMPRESSION    zlib level of result PNGs, 0 to 9: 1 encodes faster and writes
+                              bigger files, 9 the reverse (default 6, Pillow's own)
+DALLE_FARM_PNG_THREADS        threads that encode a worker's PNGs, 1 to 256 (default: the
+                              CPUs the process may use)
+DALLE_FARM_UPLOAD_THREADS     threads that upload one job's result objects, 1 to 256
+                              (default 8)
+DALLE_FARM_VQGAN_MODE         float32 (default: min-dalle's pixels), fast (float32 with
+                              channels-last and cuDNN autotuning, CUDA only) or bfloat16 (fast,
+                              in bfloat16: pixels change by a few levels)
+DALLE_FARM_VQGAN_BATCH_IMAGES  images of several jobs' grids the VQGAN decodes at once, 1 to
+                              1024; 1 decodes each job alone; 0 picks 16 on CUDA, 1 on the CPU
+                              (default 0)
 DALLE_FARM_VISIBILITY_TIMEOUT_S  seconds before Redis hands an unacknowledged job to another
                               worker after its worker vanished (default 60)
 DALLE_FARM_UNSERVED_JOB_TIMEOUT_S  seconds a queued job waits while no live worker serves its
@@ -35,12 +47,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.job import MODELS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+VQGAN_MODES = ("float32", "fast", "bfloat16")
+MAX_FINISHING_THREADS = 256
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity, as a container's cpuset limits it)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    return max(1, min(count, MAX_FINISHING_THREADS))
 
 
 class SettingsError(ValueError):
@@ -64,6 +87,11 @@ class Settings:
     visibility_timeout_s: int = 60
     max_jobs: int = 8
     batch_rows: int = 0
+    png_compression: int = 6
+    png_threads: int = field(default_factory=cpu_count)
+    upload_threads: int = 8
+    vqgan_mode: str = "float32"
+    vqgan_batch_images: int = 0
     unserved_job_timeout_s: int = 300
     request_timeout_s: int = 30
     idle_timeout_s: int = 60
@@ -126,6 +154,11 @@ class Settings:
             visibility_timeout_s=integer("VISIBILITY_TIMEOUT_S", 60, 5, 86400),
             max_jobs=integer("MAX_JOBS", 8, 1, 1024),
             batch_rows=integer("BATCH_ROWS", 0, 0, 65536),
+            png_compression=integer("PNG_COMPRESSION", 6, 0, 9),
+            png_threads=integer("PNG_THREADS", cpu_count(), 1, MAX_FINISHING_THREADS),
+            upload_threads=integer("UPLOAD_THREADS", 8, 1, MAX_FINISHING_THREADS),
+            vqgan_mode=choice("VQGAN_MODE", "float32", VQGAN_MODES),
+            vqgan_batch_images=integer("VQGAN_BATCH_IMAGES", 0, 0, 1024),
             unserved_job_timeout_s=integer("UNSERVED_JOB_TIMEOUT_S", 300, 1, 7 * 86400),
             request_timeout_s=integer("REQUEST_TIMEOUT_S", 30, 1, 3600),
             idle_timeout_s=integer("IDLE_TIMEOUT_S", 60, 1, 86400),

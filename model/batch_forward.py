@@ -34,6 +34,7 @@ remaining elementwise ops (add, multiply) are exactly rounded, so they run over 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import cast
 
@@ -44,6 +45,8 @@ from model.bart import DalleBartDecoder, DecoderLayer
 from model.batch_ops import StepOps, step_ops
 from model.config import IMAGE_TOKEN_COUNT, VQGAN_CODE_COUNT
 from model.pages import Page, spans, stack
+
+logger = logging.getLogger(__name__)
 
 # On CUDA with TorchOps, self-attention reads the positions up to the page's furthest row,
 # rounded up to a multiple of this (fewer distinct shapes, hence fewer CUDA graphs).
@@ -70,6 +73,11 @@ class PagedForward:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self.fused = decoder.fused_weights()
         self._graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
+        # Captures so far, and of those, of a key captured before (dropped as least recently
+        # used, or by forget_graphs): what a steady state should keep at zero.
+        self.captures = 0
+        self.recaptures = 0
+        self._captured: set[tuple] = set()
 
     @property
     def kernels(self) -> str:
@@ -114,6 +122,15 @@ class PagedForward:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.run(layout, length, width)
+            self.captures += 1
+            self.recaptures += key in self._captured
+            self._captured.add(key)
+            logger.info(
+                "CUDA graph captured: %d pages, %d slots, top-k width %s (%d captures, %d of "
+                "them again after being dropped)",
+                len(layout), sum(used for _, used in layout), width, self.captures,
+                self.recaptures,
+            )  # fmt: skip
         self._graphs[key] = graph  # most recently used last
         while len(self._graphs) > CUDA_GRAPHS_KEPT:
             self._graphs.popitem(last=False)

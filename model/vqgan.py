@@ -139,6 +139,8 @@ class VQGanDetokenizer(nn.Module):
         self.embedding = nn.Embedding(VQGAN_CODE_COUNT, CODE_EMBED_COUNT)
         self.post_quant_conv = nn.Conv2d(CODE_EMBED_COUNT, CODE_EMBED_COUNT, 1)
         self.decoder = Decoder()
+        # channels_last on CUDA only (MinDalle decides): on the CPU it changes pixels.
+        self.memory_format = torch.contiguous_format
 
     def forward(self, image_tokens: Tensor, is_seamless: bool = False) -> Tensor:
         """(N, 256) codes of a square grid of N images → (S, S, 3) pixels in [0, 255], S = √N·256.
@@ -146,20 +148,96 @@ class VQGanDetokenizer(nn.Module):
         Seamless: the grid's code maps are joined into one map before decoding, so the VQGAN
         blends across tile borders and the result tiles without seams.
         """
-        grid_size = round(image_tokens.shape[0] ** 0.5)
-        # min-dalle's layout, kept for identical grids: image i = a·grid + b sits in tile row b,
-        # tile column a (column-major).
-        tiles = image_tokens.view(grid_size, grid_size, TOKENS_PER_SIDE, TOKENS_PER_SIDE)
-        if is_seamless:
-            side = grid_size * TOKENS_PER_SIDE
-            code_map = tiles.permute(1, 2, 0, 3).reshape(1, side, side)
-        else:
-            code_map = tiles.reshape(-1, TOKENS_PER_SIDE, TOKENS_PER_SIDE)
-        z = self.embedding(code_map).permute(0, 3, 1, 2).contiguous()  # (B, 256, h, w)
-        z = self.decoder(self.post_quant_conv(z))
-        pixels = z.permute(0, 2, 3, 1).clip(0.0, 1.0) * 255  # (B, h, w, 3)
-        if is_seamless:
-            return pixels[0]
-        side = grid_size * PIXELS_PER_SIDE
-        pixels = pixels.view(grid_size, grid_size, PIXELS_PER_SIDE, PIXELS_PER_SIDE, 3)
-        return pixels.permute(1, 2, 0, 3, 4).reshape(side, side, 3)
+        pixels = self.decode(code_maps(image_tokens, is_seamless))
+        return assemble_grid(pixels, grid_side(image_tokens), is_seamless)
+
+    def use_channels_last(self) -> None:
+        """Convolution weights and activations in NHWC: faster with cuDNN. Not for the CPU,
+        where it changed 473 of 786,432 pixel values of a 2×2 grid (BENCHMARKS.md)."""
+        self.memory_format = torch.channels_last
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=self.memory_format)
+
+    def decode(self, code_map: Tensor) -> Tensor:
+        """(B, h, w) code maps → (B, 16h, 16w, 3) float32 pixels in [0, 255], each map alone."""
+        z = self.embedding(code_map).permute(0, 3, 1, 2)  # (B, 256, h, w)
+        z = self.decoder(self.post_quant_conv(z.contiguous(memory_format=self.memory_format)))
+        # A bfloat16 copy's pixels become float32 before the caller's truncation to uint8.
+        return z.permute(0, 2, 3, 1).float().clip(0.0, 1.0) * 255
+
+
+def grid_side(image_tokens: Tensor) -> int:
+    """The side of a square grid of image_tokens.shape[0] images; ValueError if not square."""
+    if image_tokens.dim() != 2 or image_tokens.shape[1] != TOKENS_PER_SIDE**2:
+        raise ValueError(f"image tokens must be (N, 256), got {tuple(image_tokens.shape)}")
+    side = round(image_tokens.shape[0] ** 0.5)
+    if side < 1 or side * side != image_tokens.shape[0]:
+        raise ValueError(f"{image_tokens.shape[0]} images do not make a square grid")
+    return side
+
+
+def code_maps(image_tokens: Tensor, is_seamless: bool) -> Tensor:
+    """(N, 256) codes → the (B, h, w) maps to decode: N 16×16 maps, or one joined if seamless."""
+    grid_size = grid_side(image_tokens)
+    # min-dalle's layout, kept for identical grids: image i = a·grid + b sits in tile row b,
+    # tile column a (column-major).
+    tiles = image_tokens.view(grid_size, grid_size, TOKENS_PER_SIDE, TOKENS_PER_SIDE)
+    if is_seamless:
+        side = grid_size * TOKENS_PER_SIDE
+        return tiles.permute(1, 2, 0, 3).reshape(1, side, side)
+    return tiles.reshape(-1, TOKENS_PER_SIDE, TOKENS_PER_SIDE)
+
+
+def assemble_grid(pixels: Tensor, grid_size: int, is_seamless: bool) -> Tensor:
+    """decode()'s (B, h, w, 3) pixels of one grid → the (S, S, 3) grid in min-dalle's layout."""
+    if is_seamless:
+        return pixels[0]
+    side = grid_size * PIXELS_PER_SIDE
+    pixels = pixels.view(grid_size, grid_size, PIXELS_PER_SIDE, PIXELS_PER_SIDE, 3)
+    return pixels.permute(1, 2, 0, 3, 4).reshape(side, side, 3)
+
+
+# -- decoding images of many grids together ---------------------------------------------------
+
+# At one intra-op thread, torch runs a 1×1 convolution with its own im2col + GEMM below 16
+# images and with oneDNN from 16 images up (ConvParams::use_mkldnn), and the two round
+# differently. Every other VQGAN op gave an image the same bits alone or in a batch of 2–17
+# (measured on torch 2.13, AVX2; see tests/test_vqgan.py), so batches never cross this line.
+ONEDNN_MIN_BATCH = 16
+
+
+def exact_on_cpu(threads: int) -> bool:
+    """Whether CPU batches give each image the bits it gets alone, at this intra-op thread count.
+
+    An elementwise op such as sigmoid splits its tensor into one equal chunk per thread and
+    computes each chunk's last few (< 2 vectors) values with the scalar libm function, not the
+    vectorised one; the two differ in the last bit. With a power-of-two thread count every chunk
+    is a whole number of vectors for any batch; with 3, 6 or 12 threads the scalar values fall
+    at batch-dependent places, so a batch is never exactly the per-grid result.
+    """
+    return threads >= 1 and threads & (threads - 1) == 0
+
+
+def plan_batches(rows: list[int], max_rows: int, exact: bool) -> list[list[int]]:
+    """Group grids (by index, in order) into batches of at most max_rows decoder rows.
+
+    rows[i] is the number of maps grid i decodes. A grid is never split, so one larger than
+    max_rows is a batch of its own. With `exact` (the CPU in float32), grids of fewer than
+    ONEDNN_MIN_BATCH rows only share batches that stay below it, and larger grids only share
+    with larger grids: each image then meets the same convolution code as in its own grid.
+    """
+    batches: list[list[int]] = []
+    open_batch: dict[bool, list[int]] = {}  # the batch being filled, per size class
+    open_rows: dict[bool, int] = {}
+    for index, count in enumerate(rows):
+        large = exact and count >= ONEDNN_MIN_BATCH
+        limit = max_rows if large or not exact else min(max_rows, ONEDNN_MIN_BATCH - 1)
+        batch = open_batch.get(large)
+        if batch is None or open_rows[large] + count > limit:
+            batch = open_batch[large] = []
+            open_rows[large] = 0
+            batches.append(batch)
+        batch.append(index)
+        open_rows[large] += count
+    return batches

@@ -11,8 +11,9 @@ queue; everything that makes a job safe to deliver twice, to crash in and to can
 - the decoder's on_step reports progress and stops at the next step once a cancel is asked;
 - every 32 decoder steps the tokens so far are saved in the job's record (its checkpoint); a
   job redelivered after its worker died resumes from there and ends with the identical images;
-- previews, tiles, the grid and then job.json (the commit marker) are stored, and only then is
-  the job moved to succeeded;
+- previews, then the tiles and the grid side by side on the job's own upload threads
+  (worker/finishing.py), then job.json (the commit marker) once all of them are stored, and
+  only then is the job moved to succeeded;
 - storage that is down (StorageUnavailable) hands the job back (queued) and re-raises, so the
   caller retries later; the job is never reported succeeded with objects missing.
 
@@ -55,6 +56,7 @@ from core.settings import Settings
 from core.storage import Storage, StorageUnavailable
 from core.store import JobStore, StoreUnavailable
 from model.errors import ModelError
+from worker.finishing import upload_all
 from worker.lease import Heartbeat, lease_owner, lease_ttl_s, take_lease
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ class RenderedImages(Protocol):
 
     @property
     def tile_pngs(self) -> list[bytes]: ...
+
+    @property
+    def timings(self) -> dict[str, float]: ...
 
 
 class RenderEngine(Protocol):
@@ -257,7 +262,7 @@ def _run_leased(
             )
             render_s = time.monotonic() - render_started
             upload_started = time.monotonic()
-            job.store_results(rendered)
+            job.store_results(rendered, settings.upload_threads)
             upload_s = time.monotonic() - upload_started
             finished_at = utc_now()
             job_json = {
@@ -275,6 +280,7 @@ def _run_leased(
                     "finished_at": finished_at,
                     "queued_s": _seconds_between(record.created_at, started_at),
                     "render_s": round(render_s, 3),
+                    **{part: round(seconds, 3) for part, seconds in rendered.timings.items()},
                     "upload_s": round(upload_s, 3),
                 },
                 "result": job.result,
@@ -366,11 +372,14 @@ class _JobRun:
         previews: list[str] = self.result.setdefault("previews", [])
         previews.append(key)
 
-    def store_results(self, rendered: RenderedImages) -> None:
+    def store_results(self, rendered: RenderedImages, threads: int) -> None:
+        """Upload the tiles and the grid side by side, on up to `threads` threads of this job's
+        own; return once all are stored, or raise the first failure (StorageUnavailable,
+        _LeaseLost) once none is still being uploaded."""
         images = [image_key(self.job_id, i) for i in range(len(rendered.tile_pngs))]
-        for key, png in zip(images, rendered.tile_pngs, strict=True):
-            self.put(key, png)
-        self.put(grid_key(self.job_id), rendered.grid_png)
+        objects = [*zip(images, rendered.tile_pngs, strict=True)]
+        objects.append((grid_key(self.job_id), rendered.grid_png))
+        upload_all(lambda item: self.put(*item), objects, threads)
         self.result["images"] = images
         self.result["grid"] = grid_key(self.job_id)
 

@@ -114,13 +114,13 @@ class WeightPaths:
         return [path for path in files if path.is_file()]
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read a state dict without running code: a .safetensors file (memory-mapped), or a .pt
-    file with weights_only=True (tensors and plain containers only)."""
+def read_state_dict(path: Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Read a state dict onto `device` without running code: a .safetensors file
+    (memory-mapped), or a .pt file with weights_only=True (tensors and plain containers only)."""
     if Path(path).suffix == SAFETENSORS_SUFFIX:
-        return read_safetensors(Path(path))
+        return read_safetensors(Path(path), device)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, …
@@ -135,13 +135,17 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """Read a .safetensors file; a truncated or corrupted one is a WeightsFormatError naming it."""
+def read_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Read a .safetensors file onto `device`; a truncated or corrupted one is a
+    WeightsFormatError naming it."""
     from safetensors import SafetensorError, safe_open
 
     read_header(path)  # names the file, and says "truncated", where safetensors would not
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as file:
+        where = torch.device(device)
+        if where.type == "cuda" and where.index is None:  # safetensors wants "cuda:N"
+            where = torch.device("cuda", torch.cuda.current_device())
+        with safe_open(str(path), framework="pt", device=str(where)) as file:
             return {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     except FileNotFoundError:
         raise
@@ -157,13 +161,15 @@ def load_module(
 ) -> ModuleT:
     """Build a module without allocating it, fill it from `path`, and move it to device and dtype.
 
+    The tensors are read straight onto `device` (a .safetensors file from its memory map), so
+    a GPU worker's weights are not first copied into host memory; the dtype changes there.
     Every parameter must be in the file with its exact shape (except scale-free norm weights,
     which are 1), and the file may hold nothing else.
     """
     with torch.device("meta"):
         module = build()
     expected = module.state_dict()
-    state = read_state_dict(path)
+    state = read_state_dict(path, device)
 
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
