@@ -14,11 +14,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
-
-from moto.server import ThreadedMotoServer
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tests.servers import free_port
+
+if TYPE_CHECKING:  # imported when a server starts: the GPU benchmarks run without moto
+    from moto.server import ThreadedMotoServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -61,6 +62,8 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         server.start()
         self._server = server
