@@ -68,7 +68,9 @@ SUBMIT_JOB = Operation(
         415: "The body is not sent as application/json.",
         422: "The parameters are not valid; `errors` names each field and what to change. "
         "Also when no live worker serves the job's `model` (type .../model-not-served, the "
-        "error on `model`).",
+        "error on `model`), and when `webhook_url` may not be called: its host does not "
+        "resolve or resolves to a non-public address (type .../webhook-refused, the error on "
+        "`webhook_url`).",
         503: BACKEND_DOWN,
     },
     keyed=True,

@@ -36,6 +36,7 @@ _TYPE_PREFIX = "tag:dalle-farm,2024:problems/"
 PROBLEM_TYPES = {
     "invalid-params": "The job parameters are not valid",
     "model-not-served": "No live worker serves the model",
+    "webhook-refused": "The webhook URL may not be called",
     "invalid-request": "The request is not valid",
     "idempotency-conflict": "The Idempotency-Key was used with another body",
     "job-finished": "The job has already finished",

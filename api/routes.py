@@ -55,6 +55,7 @@ from core.job import (
 from core.settings import Settings
 from core.storage import LocalStorage, ObjectNotFound
 from core.store import IdempotencyConflict, JobNotFound
+from core.webhooks import AllowList, WebhookRefused, resolve_url
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class JobViews:
                 errors=error.errors,
             ) from None
         self._require_served(params.model)
+        self._check_webhook(params.webhook_url)
         record = JobRecord(
             id=new_job_id(),
             owner=current_owner(),
@@ -146,6 +148,21 @@ class JobViews:
             slug="model-not-served",
             errors=[FieldError("model", message)],
         )
+
+    def _check_webhook(self, url: str | None) -> None:
+        """422 for a webhook_url that may not be called (core/webhooks.py: a host that does
+        not resolve, or resolves to a loopback, private or other non-public address)."""
+        if url is None:
+            return
+        try:
+            resolve_url(url, AllowList.parse(self.settings.webhook_allow))
+        except WebhookRefused as error:
+            raise Problem(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                str(error),
+                slug="webhook-refused",
+                errors=[FieldError("webhook_url", str(error))],
+            ) from None
 
     def _enqueue(self, job: JobRecord) -> None:
         try:

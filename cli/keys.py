@@ -3,6 +3,12 @@
     dalle-farm keys create alice      # the secret is the last line; it is shown only once
     dalle-farm keys list
     dalle-farm keys revoke alice      # by name or id
+    dalle-farm keys webhook-secret alice          # the key's webhook signing secret
+    dalle-farm keys rotate-webhook-secret alice   # a new one (the old one stops at once)
+
+Each key has a webhook signing secret (README: Webhooks), shown by `create` and by
+`webhook-secret`; a key made before webhooks gets one the first time it is asked for (or a
+delivery needs it). `local` names the embedded `dalle-farm serve`'s keyless loopback owner.
 
 The store is Redis when DALLE_FARM_REDIS_URL is set, else the embedded SQLite file in
 DALLE_FARM_DATA_DIR (the one `dalle-farm serve` uses). Only a hash of each secret is stored.
@@ -11,8 +17,12 @@ DALLE_FARM_DATA_DIR (the one `dalle-farm serve` uses). Only a hash of each secre
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from cli.main import CommandError
+
+if TYPE_CHECKING:
+    from core.store import JobStore
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,6 +39,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     actions.add_parser("list", help="list the keys (never their secrets)")
     revoke = actions.add_parser("revoke", help="revoke a key by id or name")
     revoke.add_argument("id_or_name", metavar="ID_OR_NAME")
+    show = actions.add_parser(
+        "webhook-secret", help="show a key's webhook signing secret (created if it has none)"
+    )
+    show.add_argument("id_or_name", metavar="ID_OR_NAME")
+    rotate = actions.add_parser(
+        "rotate-webhook-secret", help="replace a key's webhook signing secret; shows the new one"
+    )
+    rotate.add_argument("id_or_name", metavar="ID_OR_NAME")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
                 key, secret = store.create_key(args.name)
             except ValueError as error:
                 raise CommandError(error) from error
+            webhook_secret = store.webhook_secret(key.id)
             print(
                 f"created key {key.id} ({key.name}); keep the secret below, it is not shown again"
+            )
+            print(
+                f"webhook signing secret (`dalle-farm keys webhook-secret {key.id}` shows it "
+                f"again): {webhook_secret}"
             )
             print(secret)
         elif args.action == "list":
@@ -59,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
             for key in keys:
                 state = "revoked" if key.revoked else "active"
                 print(f"{key.id}  {key.name}  {key.created_at}  {state}")
+        elif args.action in ("webhook-secret", "rotate-webhook-secret"):
+            owner = _owner(store, args.id_or_name)
+            if args.action == "webhook-secret":
+                print(store.webhook_secret(owner))
+            else:
+                print(store.rotate_webhook_secret(owner))
         else:
             if not store.revoke_key(args.id_or_name):
                 raise CommandError(f"no key with id or name {args.id_or_name!r}")
@@ -68,3 +97,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _owner(store: JobStore, id_or_name: str) -> str:
+    """The id of the one key with this id or name (the embedded serve's `local` too)."""
+    from cli.serve import LOCAL_OWNER
+
+    keys = store.list_keys()
+    by_id = [key for key in keys if key.id == id_or_name]
+    if by_id:
+        return by_id[0].id
+    by_name = [key for key in keys if key.name == id_or_name and not key.revoked]
+    if len(by_name) == 1:
+        return by_name[0].id
+    if len(by_name) > 1:
+        ids = ", ".join(key.id for key in by_name)
+        raise CommandError(f"several keys are named {id_or_name!r} ({ids}); give the key's id")
+    if id_or_name == LOCAL_OWNER:
+        return LOCAL_OWNER
+    raise CommandError(f"no active key with id or name {id_or_name!r}")

@@ -85,6 +85,10 @@ IDEMPOTENCY_KEY_PATTERN = r"^[!-~]([ -~]*[!-~])?$"
 IDEMPOTENCY_KEY_MAX_CHARS = 255
 PAGE_LIMIT_DEFAULT = 50
 PAGE_LIMIT_MAX = 100
+# webhook_url: ASCII, http or https, a host, no credentials, spaces or fragment; what the shape
+# cannot say (a name that resolves to a private address) is checked on submit (core/webhooks.py).
+WEBHOOK_URL_MAX_CHARS = 2048
+WEBHOOK_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._~\[\]:-]+([/?][!-\x22$-~]*)?$"
 
 
 class JobStatus(str, Enum):
@@ -168,6 +172,14 @@ def _grid_size_field(max_grid_size: int) -> Any:
     )
 
 
+def _no_items(items: Sized) -> bool:
+    return not items
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
 # Build JobParams from an untrusted body with parse_params: its errors are worded for people.
 class JobParams(BaseModel):
     """A job's parameters: what to render, and how."""
@@ -206,6 +218,19 @@ class JobParams(BaseModel):
     model: Literal["mini", "mega"] = Field(default="mini", description="DALL·E Mini or Mega.")
     progressive_outputs: bool = Field(
         default=False, description="Also keep 8 intermediate frames (result.previews)."
+    )
+    # Left out of the params when unset: records and fingerprints stay those without webhooks.
+    webhook_url: str | None = Field(
+        default=None,
+        exclude_if=_is_none,
+        min_length=1,
+        max_length=WEBHOOK_URL_MAX_CHARS,
+        pattern=WEBHOOK_URL_PATTERN,
+        description="An http(s) URL to POST the job's JSON to when it finishes (succeeded, "
+        "failed or canceled), signed with the API key's webhook secret (README: Webhooks). "
+        "A URL whose host resolves to a loopback, private, link-local or other non-public "
+        "address is refused (422) unless the farm's operator allows it.",
+        examples=["https://example.com/hooks/dalle-farm"],
     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,10 +275,6 @@ class FileRef(BaseModel):
     key: str = Field(
         description="The storage key, which does not expire.", examples=["jobs/…/grid.png"]
     )
-
-
-def _no_items(items: Sized) -> bool:
-    return not items
 
 
 class JobResult(BaseModel):

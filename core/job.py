@@ -48,11 +48,13 @@ from core.contract import (
     TERMINAL_STATUSES,
     TEXT_TOKEN_COUNT,
     TOP_K_MAX,
+    WEBHOOK_URL_MAX_CHARS,
     FieldError,
     JobParams,
     JobStatus,
     params_model,
 )
+from core.webhooks import check_url_syntax
 
 if TYPE_CHECKING:
     from model.tokenizer import TextTokenizer
@@ -120,6 +122,11 @@ def parse_params(
         ) from None
     if unknown:
         raise InvalidParams(unknown)
+    if params.webhook_url is not None:
+        try:
+            check_url_syntax(params.webhook_url)
+        except ValueError as error:
+            raise InvalidParams([FieldError("webhook_url", str(error))]) from None
     return params if type(params) is JobParams else JobParams.model_construct(**dict(params))
 
 
@@ -139,6 +146,17 @@ def _field_errors(
 def _message(name: str, error_type: str, body: Mapping[Any, Any], field: FieldInfo) -> str:
     if name == "text":
         return _text_message(error_type, body.get("text"), field)
+    if name == "webhook_url":
+        value = body.get(name)
+        if isinstance(value, str):
+            try:
+                check_url_syntax(value)
+            except ValueError as error:
+                return str(error)
+        return (
+            f"webhook_url must be null or an http:// or https:// URL of at most "
+            f"{WEBHOOK_URL_MAX_CHARS} printable ASCII characters, got {_describe(value)}"
+        )
     return f"{name} must be {_expected(name, field)}, got {_describe(body.get(name))}"
 
 

@@ -41,6 +41,11 @@ DALLE_FARM_IDLE_TIMEOUT_S     seconds an idle keep-alive connection stays open (
 DALLE_FARM_MAX_CONNECTIONS    open connections per API process; more wait to be accepted
                               (default 1000)
 DALLE_FARM_MAX_HEADER_BYTES   the request line and headers together, at most (default 16384)
+DALLE_FARM_WEBHOOK_ALLOW      hosts and networks (CIDR) that webhooks may call although they
+                              are not public, comma-separated (default: none)
+DALLE_FARM_WEBHOOK_TIMEOUT_S  seconds a webhook delivery may take, connect to answer (default 10)
+DALLE_FARM_WEBHOOK_MAX_ATTEMPTS  tries of a delivery before it is given up (default 10)
+DALLE_FARM_WEBHOOK_BACKOFF_S  seconds before the first retry, doubling each time (default 5)
 """
 
 from __future__ import annotations
@@ -97,6 +102,10 @@ class Settings:
     idle_timeout_s: int = 60
     max_connections: int = 1000
     max_header_bytes: int = 16384
+    webhook_allow: str | None = None
+    webhook_timeout_s: int = 10
+    webhook_max_attempts: int = 10
+    webhook_backoff_s: int = 5
 
     @property
     def is_embedded(self) -> bool:
@@ -164,4 +173,19 @@ class Settings:
             idle_timeout_s=integer("IDLE_TIMEOUT_S", 60, 1, 86400),
             max_connections=integer("MAX_CONNECTIONS", 1000, 1, 100000),
             max_header_bytes=integer("MAX_HEADER_BYTES", 16384, 1024, 1048576),
+            webhook_allow=_webhook_allow(get("WEBHOOK_ALLOW")),
+            webhook_timeout_s=integer("WEBHOOK_TIMEOUT_S", 10, 1, 300),
+            webhook_max_attempts=integer("WEBHOOK_MAX_ATTEMPTS", 10, 1, 100),
+            webhook_backoff_s=integer("WEBHOOK_BACKOFF_S", 5, 1, 3600),
         )
+
+
+def _webhook_allow(value: str | None) -> str | None:
+    """DALLE_FARM_WEBHOOK_ALLOW, checked: each entry a host name, an address or a CIDR."""
+    from core.webhooks import AllowList
+
+    try:
+        AllowList.parse(value)
+    except ValueError as error:
+        raise SettingsError(f"DALLE_FARM_WEBHOOK_ALLOW: {error}") from None
+    return value

@@ -37,7 +37,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from core.events import EventPage
 from core.job import MODELS, JobRecord, JobStatus
+from core.webhooks import WebhookDelivery
 
 # Upper bounds (seconds) of the job-duration histogram on /metrics.
 DURATION_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
@@ -195,8 +197,45 @@ class JobStore(Protocol):
 
     def metrics(self) -> MetricsSnapshot: ...
 
+    # -- webhooks (core/webhooks.py; core/store_*_webhooks.py) ------------------------------
+    # A job created with params["webhook_url"] gets a delivery; when the job reaches a final
+    # state (transition, request_cancel, fail_queued_jobs) the delivery is due at once.
+    def webhook_secret(self, owner: str) -> str:
+        """The owner's webhook signing secret, created now if it has none."""
+        ...
+
+    def rotate_webhook_secret(self, owner: str) -> str:
+        """Replace the owner's webhook signing secret; the new one."""
+        ...
+
+    def claim_webhook_deliveries(
+        self, claimant: str, limit: int, lease_s: float
+    ) -> list[WebhookDelivery]:
+        """Up to `limit` due deliveries whose job is final, leased to `claimant` for lease_s."""
+        ...
+
+    def complete_webhook_delivery(
+        self, delivery: WebhookDelivery, state: str, error: str | None, retry_in_s: float = 0.0
+    ) -> bool:
+        """Record a try: delivered, failed (given up), or pending (again in retry_in_s);
+        error None keeps the last one recorded. False when the claim is not held."""
+        ...
+
+    def webhook_delivery(self, job_id: str) -> WebhookDelivery | None: ...
+
     def check(self) -> None:
         """Raise StoreUnavailable when the backend cannot be reached (for /readyz)."""
+        ...
+
+    # -- live events: a log per job and per owner, appended with each change (core/events.py)
+    def job_events(self, job_id: str, after: str | None = None, limit: int = 100) -> EventPage:
+        """The job's events after cursor `after`, oldest first (None: none, and the newest
+        cursor with the job's record: start watching now). A cursor no longer in the log is
+        a gap: no events, the newest cursor and the record to resynchronise from."""
+        ...
+
+    def owner_events(self, owner: str, after: str | None = None, limit: int = 100) -> EventPage:
+        """Every event of the owner's jobs after cursor `after`, as job_events (no record)."""
         ...
 
     def close(self) -> None: ...

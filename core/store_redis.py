@@ -9,6 +9,7 @@ RedisJobStore is built of parts, one concept each:
     core/store_redis_base.py     the connection, key names, Redis' failures as StoreUnavailable
     core/store_redis_keys.py     API keys
     core/store_redis_workers.py  heartbeats and the models workers serve
+    core/store_redis_webhooks.py webhook secrets and the outbox of webhook deliveries
     this module                  jobs, leases and the /metrics counters
 
 Keys of this module, under a prefix (default "dalle-farm"):
@@ -38,6 +39,7 @@ it: they are never failed as unserved (they still run when a worker takes them).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,6 +51,7 @@ from core.store import (
     IdempotencyConflict,
     JobNotFound,
     MetricsSnapshot,
+    StoreError,
     check_cursor,
     check_job_fields,
     check_limit,
@@ -61,6 +64,7 @@ from core.store import (
     job_id_bound,
 )
 from core.store_redis_base import RedisBackend, redact_url, text
+from core.store_redis_events import RedisEventLog
 from core.store_redis_keys import RedisKeyStore
 from core.store_redis_lua import (
     CREATE_JOB,
@@ -72,15 +76,18 @@ from core.store_redis_lua import (
     TRANSITION,
     UPDATE,
 )
+from core.store_redis_webhooks import RedisWebhookStore
 from core.store_redis_workers import RedisWorkerRegistry
 
 __all__ = ["RedisBackend", "RedisJobStore", "redact_url"]
+
+log = logging.getLogger(__name__)
 
 # Fields stored as plain strings (scripts read them); the rest are JSON.
 _PLAIN_FIELDS = ("id", "owner", "status")
 
 
-class RedisJobStore(RedisKeyStore, RedisWorkerRegistry):
+class RedisJobStore(RedisKeyStore, RedisWorkerRegistry, RedisWebhookStore, RedisEventLog):
     """The JobStore (core/store.py) on Redis.
 
     `url_or_client`: a redis:// URL (the store opens and closes its own connections) or a
@@ -129,6 +136,7 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry):
             if existing is None:
                 raise JobNotFound(f"the job of this Idempotency-Key, {text(reply[1])}, is gone")
             return existing, False
+        self._register_webhook(record)
         return JobRecord.from_json(record.to_json()), True
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -175,7 +183,7 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry):
             raise JobNotFound(f"no job has the id {job_id!r}")
         if outcome == "refused":
             return None
-        return _decode(_pairs(reply[1:]))
+        return self._job_final(_decode(_pairs(reply[1:])))
 
     def update(self, job_id: str, **fields: Any) -> JobRecord:
         """Set JobRecord attributes other than id, owner and status."""
@@ -202,7 +210,7 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry):
             )
         if text(reply[0]) == "missing":
             raise JobNotFound(f"no job has the id {job_id!r}")
-        return _decode(_pairs(reply[1:]))
+        return self._job_final(_decode(_pairs(reply[1:])))
 
     def fail_queued_jobs(
         self, model: str, created_before_ms: int, error: str, limit: int = 100
@@ -221,7 +229,23 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry):
                     json.dumps(utc_now()),
                 ],
             )
-        return [text(job_id) for job_id in reply[1:]]
+        failed = [text(job_id) for job_id in reply[1:]]
+        self._jobs_final(failed)
+        return failed
+
+    def _job_final(self, record: JobRecord) -> JobRecord:
+        """A job that has a webhook and is final: its delivery is due now (webhooks)."""
+        if record.status.is_terminal and record.params.get("webhook_url"):
+            self._jobs_final([record.id])
+        return record
+
+    def _jobs_final(self, job_ids: list[str]) -> None:
+        # The change is made; a failure here only delays the delivery until the outbox's
+        # safety net looks at it (WAITING_RECHECK_S).
+        try:
+            self._webhooks_job_final(job_ids)
+        except StoreError as error:
+            log.warning("could not mark the webhooks of %d job(s) due: %s", len(job_ids), error)
 
     def count_queued(self) -> int:
         with self._errors():

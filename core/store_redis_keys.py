@@ -3,6 +3,9 @@
 {p}:key:{id}   hash per key: name, secret_hash (sha256; never the secret), created_at,
                revoked ("0"/"1")
 {p}:keys       list of key ids in creation order
+
+Each new key gets its webhook signing secret too ({p}:webhook-secrets, see
+core/store_redis_webhooks.py); `webhook_secret(key.id)` reads it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from core.job import utc_now
 from core.store import ApiKey, check_key_name, hash_secret, key_id_from_secret, new_key_secret
 from core.store_redis_base import RedisBackend, text
 from core.store_redis_lua import REVOKE_KEY
+from core.webhooks import new_secret as new_webhook_secret
 
 
 class RedisKeyStore(RedisBackend):
@@ -33,6 +37,8 @@ class RedisKeyStore(RedisBackend):
                 },
             )
             pipe.rpush(self._key("keys"), key.id)
+            # Its webhook signing secret (core/store_redis_webhooks.py), shown with it.
+            pipe.hsetnx(self._key("webhook-secrets"), key.id, new_webhook_secret())
             pipe.execute()
         return key, secret
 

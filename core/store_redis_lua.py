@@ -9,11 +9,25 @@ from __future__ import annotations
 
 from core.job import JobStatus, can_move
 from core.store import DEFAULT_MODEL
+from core.store_redis_events import LOG_EVENT_LUA
 
 # The hash field of a job that holds its model, kept for the per-model queued index; not a
 # JobRecord field, so reads skip it. A job without one (stored by an older version) counts as
 # the default model's.
 MODEL_FIELD = "_model"
+
+# Every script that changes a job appends its events (core/store_redis_events.py) in the same
+# atomic step. Scripts without the prefix in ARGV take it from the job's key, "{p}:job:{id}".
+_EVENTS = (
+    LOG_EVENT_LUA
+    + """
+local function key_prefix(job) return string.match(job, '^(.*)job:[^:]*$') end
+local function final_kind(status)
+    if status == 'succeeded' or status == 'failed' or status == 'canceled' then return 'done' end
+    return 'status'
+end
+"""
+)
 
 _ALLOWED_MOVES = ", ".join(
     f'["{a.value}>{b.value}"] = true' for a in JobStatus for b in JobStatus if can_move(a, b)
@@ -45,7 +59,9 @@ end
 # KEYS: job, owner index, owner's status index, counts, idempotency (or the job key again),
 # the model's queued index.
 # ARGV: id, status, has idempotency key (1/0), fingerprint, field, value, ...
-CREATE_JOB = """
+CREATE_JOB = (
+    _EVENTS
+    + """
 if ARGV[3] == '1' then
     local found = redis.call('HMGET', KEYS[5], 'job_id', 'fingerprint')
     if found[1] then
@@ -62,32 +78,39 @@ if ARGV[2] == 'queued' then redis.call('ZADD', KEYS[6], 0, ARGV[1]) end
 if ARGV[3] == '1' then
     redis.call('HSET', KEYS[5], 'job_id', ARGV[1], 'fingerprint', ARGV[4])
 end
+log_record(key_prefix(KEYS[1]), KEYS[1], final_kind(ARGV[2]))
 return {'created'}
 """
+)
 
 # KEYS: job, counts. ARGV: prefix, to, field, value, ...
 TRANSITION = (
     f"local ALLOWED = {{{_ALLOWED_MOVES}}}\n"
+    + _EVENTS
     + _MOVE
     + """
 local from = redis.call('HGET', KEYS[1], 'status')
 if not from then return {'missing'} end
 if not ALLOWED[from .. '>' .. ARGV[2]] then return {'refused'} end
 move(KEYS[1], KEYS[2], ARGV[1], ARGV[2], unpack(ARGV, 3))
+log_record(ARGV[1], KEYS[1], final_kind(ARGV[2]))
 return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
 """
 )
 
 # KEYS: job, counts. ARGV: prefix, finished_at (JSON).
 REQUEST_CANCEL = (
-    _MOVE
+    _EVENTS
+    + _MOVE
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing'} end
 if status == 'queued' then
     move(KEYS[1], KEYS[2], ARGV[1], 'canceled', 'finished_at', ARGV[2])
-elseif status == 'running' then
+    log_record(ARGV[1], KEYS[1], 'done')
+elseif status == 'running' and redis.call('HGET', KEYS[1], 'cancel_requested') ~= 'true' then
     redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+    log_record(ARGV[1], KEYS[1], 'status')
 end
 return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
 """
@@ -97,7 +120,8 @@ return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
 # ARGV: prefix, job id bound (exclusive), limit, error (JSON), finished_at (JSON).
 # Returns how many ids it looked at, then the ids it failed.
 FAIL_QUEUED = (
-    _MOVE
+    _EVENTS
+    + _MOVE
     + """
 local ids = redis.call('ZRANGEBYLEX', KEYS[1], '-', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
 local reply = {#ids}
@@ -105,6 +129,7 @@ for _, id in ipairs(ids) do
     local job = ARGV[1] .. 'job:' .. id
     if redis.call('HGET', job, 'status') == 'queued' then
         move(job, KEYS[2], ARGV[1], 'failed', 'error', ARGV[4], 'finished_at', ARGV[5])
+        log_record(ARGV[1], job, 'done')
         table.insert(reply, id)
     else
         redis.call('ZREM', KEYS[1], id)
@@ -114,12 +139,37 @@ return reply
 """
 )
 
-# KEYS: job. ARGV: field, value, ...
-UPDATE = """
+# KEYS: job. ARGV: field, value, ... A change of progress logs a progress event, and preview
+# keys new in `result` a preview event each.
+UPDATE = (
+    _EVENTS
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local before = redis.call('HMGET', KEYS[1], 'progress_step', 'progress_total', 'result')
 redis.call('HSET', KEYS[1], unpack(ARGV))
+local after = redis.call(
+    'HMGET', KEYS[1], 'id', 'owner', 'progress_step', 'progress_total', 'result')
+local prefix = key_prefix(KEYS[1])
+if before[1] ~= after[3] or before[2] ~= after[4] then
+    log_event(prefix, after[1], after[2], 'progress', 'step', after[3], 'total', after[4])
+end
+local function previews(result)
+    local ok, value = pcall(cjson.decode, result or 'null')
+    if ok and type(value) == 'table' and type(value['previews']) == 'table' then
+        return value['previews']
+    end
+    return {}
+end
+if before[3] ~= after[5] then
+    local old = {}
+    for _, key in ipairs(previews(before[3])) do old[key] = true end
+    for _, key in ipairs(previews(after[5])) do
+        if not old[key] then log_event(prefix, after[1], after[2], 'preview', 'key', key) end
+    end
+end
 return {'ok', unpack(redis.call('HGETALL', KEYS[1]))}
 """
+)
 
 # KEYS: lease. ARGV: worker, ttl in ms.
 RENEW_LEASE = """

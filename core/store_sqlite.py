@@ -5,6 +5,7 @@ SqliteJobStore is built of parts, one concept each:
     core/store_sqlite_db.py       the file: schema, connections per thread, transactions
     core/store_sqlite_keys.py     API keys
     core/store_sqlite_workers.py  heartbeats and the models workers serve
+    core/store_sqlite_webhooks.py webhook secrets and the outbox of webhook deliveries
     this module                   jobs, leases and the /metrics counters
 
 Records are stored as ASCII JSON (non-ASCII escaped), so any string a record holds, a lone
@@ -14,6 +15,7 @@ surrogate included, is written and read back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sqlite3
 import time
 from typing import Any
@@ -26,6 +28,7 @@ from core.store import (
     IdempotencyConflict,
     JobNotFound,
     MetricsSnapshot,
+    StoreError,
     check_cursor,
     check_job_fields,
     check_limit,
@@ -38,13 +41,17 @@ from core.store import (
     job_id_bound,
 )
 from core.store_sqlite_db import BUSY_TIMEOUT_S, SCHEMA_VERSION, SqliteBackend, SqliteDatabase
+from core.store_sqlite_events import SqliteEventLog, log_change
 from core.store_sqlite_keys import SqliteKeyStore
+from core.store_sqlite_webhooks import SqliteWebhookStore, register_webhook
 from core.store_sqlite_workers import SqliteWorkerRegistry
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BUSY_TIMEOUT_S", "SCHEMA_VERSION", "SqliteBackend", "SqliteDatabase", "SqliteJobStore"]
 
 
-class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry):
+class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry, SqliteWebhookStore, SqliteEventLog):
     """The JobStore (core/store.py) over one SQLite file, created with its folder if missing.
 
     `worker_alive_s`: how long a worker's heartbeat lives when it gives no ttl_s.
@@ -78,6 +85,8 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry):
                     " VALUES (?, ?, ?, ?)",
                     (record.owner, key_hash, record.id, fingerprint or ""),
                 )
+            register_webhook(connection, record)  # in the job's own transaction
+            log_change(connection, None, record)  # its first event, in the same transaction
         return JobRecord.from_json(record.to_json()), True
 
     def get_job(self, job_id: str) -> JobRecord | None:
@@ -117,6 +126,7 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry):
                 return None
             record = dataclasses.replace(record, status=target, **changes)
             _save(connection, record)
+        _job_final(self, record)
         return record
 
     def update(self, job_id: str, **fields: Any) -> JobRecord:
@@ -139,6 +149,7 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry):
             elif record.status is JobStatus.RUNNING and not record.cancel_requested:
                 record = dataclasses.replace(record, cancel_requested=True)
                 _save(connection, record)
+        _job_final(self, record)
         return record
 
     def fail_queued_jobs(
@@ -165,6 +176,7 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry):
                 failed.append(record.id)
                 if len(failed) == limit:
                     break
+        _jobs_final(self, failed)
         return failed
 
     def count_queued(self) -> int:
@@ -240,6 +252,21 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry):
         self.close()
 
 
+def _job_final(store: SqliteJobStore, record: JobRecord) -> None:
+    """A job that has a webhook and is final: its delivery is due now (webhooks)."""
+    if record.status.is_terminal and record.params.get("webhook_url"):
+        _jobs_final(store, [record.id])
+
+
+def _jobs_final(store: SqliteJobStore, job_ids: list[str]) -> None:
+    # The change is made; a failure here only delays the delivery until the outbox's safety
+    # net looks at it (WAITING_RECHECK_S).
+    try:
+        store._webhooks_job_final(job_ids)
+    except StoreError as error:
+        log.warning("could not mark the webhooks of %d job(s) due: %s", len(job_ids), error)
+
+
 def _load(connection: sqlite3.Connection, job_id: str) -> JobRecord:
     row = connection.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
@@ -248,7 +275,10 @@ def _load(connection: sqlite3.Connection, job_id: str) -> JobRecord:
 
 
 def _save(connection: sqlite3.Connection, record: JobRecord) -> None:
+    # The events of the change are logged in the same transaction (core/store_sqlite_events.py).
+    before = _load(connection, record.id)
     connection.execute(
         "UPDATE jobs SET status = ?, record = ? WHERE id = ?",
         (record.status.value, record.to_json(), record.id),
     )
+    log_change(connection, before, record)

@@ -16,7 +16,9 @@ Tables:
                  expires_at of its heartbeat
     models_last_served  model → when a worker last announced it or stopped serving it
     counters     name → value: duration histogram buckets, duration sum and count, images
+    events       the job event log: id (the cursor), job_id, owner, type, data
     queue        SqliteJobQueue: job id, FIFO sequence, leased_by, lease_expires_at, deliveries
+    webhook_secrets, webhook_deliveries   core/store_sqlite_webhooks.py
 
 Times that decide expiry (leases, heartbeats) are time.time(), the one clock that two processes
 can compare. The file may not be ":memory:" (each connection would see its own database).
@@ -70,6 +72,24 @@ _SCHEMA = (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL UNIQUE, leased_by TEXT,
         lease_expires_at REAL NOT NULL DEFAULT 0, deliveries INTEGER NOT NULL DEFAULT 0
     )""",
+    # Webhooks (core/store_sqlite_webhooks.py).
+    """CREATE TABLE IF NOT EXISTS webhook_secrets (
+        owner TEXT PRIMARY KEY, secret TEXT NOT NULL, created_at TEXT NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS webhook_deliveries (
+        job_id TEXT PRIMARY KEY, id TEXT NOT NULL, url TEXT NOT NULL, owner TEXT NOT NULL,
+        state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL,
+        claim TEXT, claim_until REAL NOT NULL DEFAULT 0, last_error TEXT,
+        created_at TEXT NOT NULL, finished_at TEXT
+    ) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (state, next_at)",
+    # The job event log (core/store_sqlite_events.py): id is the events' cursor.
+    """CREATE TABLE IF NOT EXISTS events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, owner TEXT NOT NULL,
+        type TEXT NOT NULL, data TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, id)",
+    "CREATE INDEX IF NOT EXISTS events_by_owner ON events (owner, id)",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 

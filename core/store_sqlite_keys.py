@@ -1,5 +1,6 @@
 """API keys in the embedded farm's SQLite file (the `api_keys` table), a part of
-SqliteJobStore (core/store_sqlite.py)."""
+SqliteJobStore (core/store_sqlite.py). Each new key gets its webhook signing secret too
+(`webhook_secrets`, see core/store_sqlite_webhooks.py); `webhook_secret(key.id)` reads it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hmac
 from core.job import utc_now
 from core.store import ApiKey, check_key_name, hash_secret, key_id_from_secret, new_key_secret
 from core.store_sqlite_db import SqliteBackend
+from core.webhooks import new_secret as new_webhook_secret
 
 
 class SqliteKeyStore(SqliteBackend):
@@ -21,6 +23,12 @@ class SqliteKeyStore(SqliteBackend):
             connection.execute(
                 "INSERT INTO api_keys (id, name, secret_hash, created_at) VALUES (?, ?, ?, ?)",
                 (key.id, key.name, hash_secret(secret), key.created_at),
+            )
+            # Its webhook signing secret (core/store_sqlite_webhooks.py), shown with it.
+            connection.execute(
+                "INSERT OR IGNORE INTO webhook_secrets (owner, secret, created_at)"
+                " VALUES (?, ?, ?)",
+                (key.id, new_webhook_secret(), key.created_at),
             )
         return key, secret
 

@@ -34,7 +34,8 @@ Delivery guarantees, and why each setting is what it is:
 Presence: once the worker consumes (with the thread pool, its model is loaded before that), it
 announces the model it serves, and only then tells `dalle-farm worker` that it is ready; a
 thread goes on announcing it with the worker's heartbeat every WORKER_HEARTBEAT_S, and sweeps
-queued jobs whose model no live worker serves (core/presence.py, core/unserved.py). When a
+queued jobs whose model no live worker serves (core/presence.py, core/unserved.py), and a
+webhook dispatcher sends finished jobs' webhooks (worker/webhooks.py). When a
 shutdown begins (SIGTERM: the jobs running are finished first) it stops announcing at once, so
 the API refuses new jobs for a model whose last worker is leaving.
 
@@ -65,6 +66,7 @@ from core.store import JobStore, StoreUnavailable
 
 if TYPE_CHECKING:
     from worker.engine import Engine
+    from worker.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +253,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
             models,
             unserved_timeout_s=settings.unserved_job_timeout_s,
         ).start()
+        _start_webhooks(settings, hostname)
     log.info("worker %s serves %s", hostname, ", ".join(models) or "no model (see --queues)")
     if _ready_once_announced:
         _report_ready()
@@ -278,6 +281,33 @@ def _on_worker_shutdown(**_: Any) -> None:
     if presence is not None:
         presence.stop()
         presence.store.close()
+    _stop_webhooks()
+
+
+# -- webhook deliveries (worker/webhooks.py), on threads of their own ---------------------------
+
+_webhooks: WebhookDispatcher | None = None
+
+
+def _start_webhooks(settings: Settings, hostname: str) -> None:
+    global _webhooks
+    from core.services import build_storage, build_store
+    from worker.webhooks import WebhookDispatcher
+
+    try:
+        _webhooks = WebhookDispatcher(
+            build_store(settings), build_storage(settings), settings, name=hostname
+        ).start()
+    except Exception:  # rendering goes on; another worker's dispatcher sends them
+        log.exception("the webhook dispatcher could not start")
+
+
+def _stop_webhooks() -> None:
+    global _webhooks
+    webhooks, _webhooks = _webhooks, None
+    if webhooks is not None:
+        webhooks.stop()
+        webhooks.store.close()
 
 
 # -- `celery -A worker.celery_app` ------------------------------------------------------------

@@ -8,7 +8,8 @@ again; it is acknowledged (removed) only when run_job is DONE with it.
 
 Once the model is loaded, a thread announces the model the worker serves (DALLE_FARM_MODEL)
 with its heartbeat and fails queued jobs whose model no live worker serves, after
-DALLE_FARM_UNSERVED_JOB_TIMEOUT_S (core/presence.py, core/unserved.py).
+DALLE_FARM_UNSERVED_JOB_TIMEOUT_S (core/presence.py, core/unserved.py). A webhook dispatcher
+(worker/webhooks.py) sends finished jobs' webhooks meanwhile.
 
 SIGTERM or SIGINT: the worker stops announcing its model, the jobs running are handed back at
 their next decoder step (queued again, their queue leases released) and the loop exits; the
@@ -33,6 +34,7 @@ from core.settings import Settings
 from core.storage import Storage, StorageUnavailable
 from core.store import JobStore, StoreUnavailable
 from worker.runner import Outcome, RenderEngine, lease_owner, run_job
+from worker.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ def work(
         threading.Thread(target=loop, name=f"job-{number}") for number in range(settings.max_jobs)
     ]
     presence.start()
+    # Webhook deliveries of finished jobs, on threads of their own (worker/webhooks.py).
+    webhooks = WebhookDispatcher(store, storage, settings, name=name).start()
     try:
         for thread in threads:
             thread.start()
@@ -128,6 +132,7 @@ def work(
             thread.join()
     finally:
         presence.stop()
+        webhooks.stop()
 
 
 def _run_one(
