@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
-from api import docs, health, metrics, openapi, operations, routes
+from api import docs, health, metrics, openapi, operations, routes, web
 from api.problems import register_error_handlers
 from api.services import Services, ServicesBuilder, services_from_settings
 from core.queue import JobQueue
@@ -62,6 +62,7 @@ def create_app(
     app.register_blueprint(metrics.create_blueprint(services))
     app.register_blueprint(openapi.create_blueprint())
     app.register_blueprint(docs.create_blueprint())
+    app.register_blueprint(web.create_blueprint(storage))  # the web app at /
     operations.declare_other_routes(app)
     openapi.install(app, settings, anonymous=anonymous_owner is not None)
     # Jobs whose model lost its last worker fail on time even when no worker at all is alive
