@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,20 +35,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 
 from bench.bench_batch import Job, make_jobs, run_concurrent
+from bench.farm_bench import prepare_process, run_main
 from core.job import JobParams, job_json_key
 from core.services import build_storage
 from core.settings import Settings
 from model.batch import BatchDecoder
 from model.weights.random_weights import SMALL_CONFIG, write_random_weights
 from tests.farm_helpers import (
-    AWS_ENV,
-    AWS_ENV_REMOVED,
     REPO_ROOT,
     FarmProcess,
     S3Server,
@@ -389,10 +385,6 @@ def report(farm: FarmResult, model: ModelResult, jobs: list[Job], args: argparse
 # -- main --------------------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=40)
@@ -413,12 +405,7 @@ def main() -> None:
     if min(args.jobs, args.worker_concurrency, args.api_workers, args.submit_threads) < 1:
         parser.error("--jobs, --worker-concurrency, --api-workers, --submit-threads must be ≥ 1")
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's S3 server: no request log
-    # This process reads S3 too (job.json, grids): fake credentials, none of the machine's.
-    for name in AWS_ENV_REMOVED:
-        os.environ.pop(name, None)
-    os.environ.update(AWS_ENV)
+    prepare_process()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     print(
@@ -474,8 +461,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted; everything this benchmark started is stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

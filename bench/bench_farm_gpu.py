@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import platform
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -44,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.bench_batch import Job, make_jobs
-from bench.bench_farm import _interrupt, create_key, timestamp
+from bench.bench_farm import create_key, timestamp
+from bench.farm_bench import prepare_process, run_main
 from bench.farm_gpu_measure import (
     ClientJob,
     GpuSampler,
@@ -60,7 +59,7 @@ from bench.farm_gpu_measure import (
 from client import FarmClient
 from core.services import build_storage
 from core.settings import Settings
-from tests.farm_helpers import AWS_ENV, AWS_ENV_REMOVED, FarmProcess, S3Server, http, subprocess_env
+from tests.farm_helpers import FarmProcess, S3Server, http, subprocess_env
 from tests.farm_helpers import wait_for as _wait_for
 
 READY_POLL_S = 0.1
@@ -317,11 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's S3 server: no request log
-    for name in AWS_ENV_REMOVED:  # this process reads S3 in distributed mode: fake credentials
-        os.environ.pop(name, None)
-    os.environ.update(AWS_ENV)
+    prepare_process()
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "settings": {k: str(v) for k, v in vars(args).items() if not k.endswith("_counts")},
@@ -405,8 +400,4 @@ def write_weights(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted; everything this benchmark started is stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

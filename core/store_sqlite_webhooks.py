@@ -14,9 +14,12 @@ Times are time.time(), which every process on the machine shares.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import sqlite3
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from core.job import JobRecord, utc_now
 from core.store_sqlite_db import SqliteBackend
@@ -29,6 +32,8 @@ from core.webhooks import (
 )
 
 _FINAL = ("succeeded", "failed", "canceled")
+# A delivery's columns as _delivery reads them, from webhook_deliveries as `d`.
+_DELIVERY_COLUMNS = "d.id, d.job_id, d.url, d.owner, d.state, d.attempts, d.last_error, d.claim"
 
 
 class SqliteWebhookStore(SqliteBackend):
@@ -67,14 +72,16 @@ class SqliteWebhookStore(SqliteBackend):
         claimed: list[WebhookDelivery] = []
         with self._db.transaction() as connection:
             rows = connection.execute(
-                "SELECT d.job_id, d.id, d.url, d.owner, d.attempts, j.status"
+                f"SELECT {_DELIVERY_COLUMNS}, j.status"
                 " FROM webhook_deliveries d LEFT JOIN jobs j ON j.id = d.job_id"
                 " WHERE d.state = 'pending' AND d.next_at <= ? ORDER BY d.next_at LIMIT ?",
                 (now, limit * 4),
             ).fetchall()
-            for job_id, delivery_id, url, owner, attempts, status in rows:
+            for row in rows:
                 if len(claimed) >= limit:
                     break
+                delivery, status = _delivery(row[:-1]), row[-1]
+                job_id = delivery.job_id
                 if status is None:
                     connection.execute(
                         "UPDATE webhook_deliveries SET state = 'failed',"
@@ -93,16 +100,7 @@ class SqliteWebhookStore(SqliteBackend):
                         " WHERE job_id = ?",
                         (token, now + lease_s, now + lease_s, job_id),
                     )
-                    claimed.append(
-                        WebhookDelivery(
-                            id=delivery_id,
-                            job_id=job_id,
-                            url=url,
-                            owner=owner,
-                            attempts=int(attempts),
-                            claim=token,
-                        )
-                    )
+                    claimed.append(dataclasses.replace(delivery, claim=token))
         return claimed
 
     def complete_webhook_delivery(
@@ -132,23 +130,9 @@ class SqliteWebhookStore(SqliteBackend):
     def webhook_delivery(self, job_id: str) -> WebhookDelivery | None:
         """The job's delivery as recorded, or None when the job has no webhook."""
         row = self._db.fetch_one(
-            "SELECT id, job_id, url, owner, state, attempts, last_error, claim"
-            " FROM webhook_deliveries WHERE job_id = ?",
-            (job_id,),
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries d WHERE d.job_id = ?", (job_id,)
         )
-        if row is None:
-            return None
-        delivery_id, job, url, owner, state, attempts, last_error, claim = row
-        return WebhookDelivery(
-            id=delivery_id,
-            job_id=job,
-            url=url,
-            owner=owner,
-            state=state,
-            attempts=int(attempts),
-            last_error=last_error,
-            claim=claim,
-        )
+        return None if row is None else _delivery(row)
 
 
 def register_webhook(connection: sqlite3.Connection, record: JobRecord) -> None:
@@ -169,6 +153,21 @@ def register_webhook(connection: sqlite3.Connection, record: JobRecord) -> None:
             time.time() + WAITING_RECHECK_S,
             utc_now(),
         ),
+    )
+
+
+def _delivery(row: Sequence[Any]) -> WebhookDelivery:
+    """A delivery from a row of _DELIVERY_COLUMNS."""
+    delivery_id, job_id, url, owner, state, attempts, last_error, claim = row
+    return WebhookDelivery(
+        id=delivery_id,
+        job_id=job_id,
+        url=url,
+        owner=owner,
+        state=state,
+        attempts=int(attempts),
+        last_error=last_error,
+        claim=claim,
     )
 
 

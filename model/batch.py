@@ -105,9 +105,14 @@ class _Job:
         return 2 * self.page.image_count
 
     @property
+    def images(self) -> slice:
+        """This job's images in its page's per-image tensors (tokens, is_nan, mismatches)."""
+        return self.page.images_of(self.slot)
+
+    @property
     def tokens(self) -> Tensor:
         """(N, 256), a view of the page's: positions not generated yet hold START_TOKEN."""
-        return self.page.tokens[self.page.images_of(self.slot)]
+        return self.page.tokens[self.images]
 
 
 class BatchDecoder:
@@ -395,7 +400,7 @@ class BatchDecoder:
         jobs = list(self._jobs.values())
         if not jobs:
             return
-        flags = torch.stack([job.page.is_nan[job.page.images_of(job.slot)].any() for job in jobs])
+        flags = torch.stack([job.page.is_nan[job.images].any() for job in jobs])
         for job, is_nan in zip(jobs, flags.tolist(), strict=True):
             if is_nan:
                 reason = (
@@ -409,7 +414,7 @@ class BatchDecoder:
     def _check_replay(job: _Job) -> None:
         """At the end of a resumed job's replay: count the draws that differ from the checkpoint
         (one read, once per job)."""
-        job.replay_mismatches = int(job.page.mismatches[job.page.images_of(job.slot)].sum())
+        job.replay_mismatches = int(job.page.mismatches[job.images].sum())
         if job.replay_mismatches:
             logger.warning(
                 "job %s: %d of its %d checkpoint tokens were not reproduced (the weights, "

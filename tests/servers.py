@@ -1,5 +1,6 @@
-"""Real servers for tests, on loopback and free ports: redis-server, moto's S3 server, and a
-file server that can break its responses off."""
+"""Real servers for tests, on loopback and free ports: redis-server, a file server that can
+break its responses off, and the API's own HTTP server on a thread (moto's S3 server and the
+farm's processes are in tests/farm_helpers.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
+
+from api.server import ServerConfig, listen, serve_app
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 
 def free_port() -> int:
@@ -110,6 +117,25 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+@contextmanager
+def api_server(app: Flask) -> Iterator[str]:
+    """Serve `app` with the API's HTTP server (api/server.py, 4 threads) on a free loopback port,
+    on a thread of this process, until the block ends; yield its origin. Checks that the server
+    stopped."""
+    sockets = listen("127.0.0.1", 0)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve_app, args=(app, sockets, ServerConfig(threads=4), stop), daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sockets[0].getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive(), "the server did not stop"
 
 
 @dataclass

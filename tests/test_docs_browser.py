@@ -3,63 +3,36 @@ our own HTTP server on a loopback port. tests/test_docs.py checks the page over 
 browser shows that Swagger UI actually renders our OpenAPI 3.1 document under the page's
 Content-Security-Policy, fetches nothing from elsewhere, and can call the API.
 
-Chromium is Debian's `chromium` package (Playwright's own browser download needs internet);
-scripts/test installs it and playwright when run as root.
+The browser is tests/browser.py's: Debian's `chromium` package, which scripts/test installs with
+playwright when run as root.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import threading
 from collections.abc import Iterator
-from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pytest
 
-from api.server import ServerConfig, listen, serve_app
 from cli.api import create_api_app
 from core.settings import Settings
+from tests.browser import WatchedPage, chromium, open_page
+from tests.servers import api_server
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Request, Response
+    from playwright.sync_api import Browser, Locator, Page
 
 # Only fails a test that hangs (Swagger UI's bundle is a few MB of JavaScript to parse).
 BROWSER_TIMEOUT_MS = 30_000
-ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def _unavailable(what: str) -> NoReturn:
-    # As root, scripts/test installs both, so a missing one there is a broken setup, not a skip.
-    if ROOT:
-        pytest.fail(f"{what} is missing: run scripts/test, which installs it")
-    pytest.skip(f"{what} is not installed (scripts/test installs it when run as root)")
 
 
 @pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        _unavailable("chromium (sudo apt-get install chromium)")
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser(chromium: str) -> Iterator[Browser]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("playwright (pip install -e '.[test]')")
-    with sync_playwright() as playwright:
-        # Chromium's sandbox refuses to run as root.
-        args = ["--no-sandbox"] if ROOT else []
-        launched = playwright.chromium.launch(executable_path=chromium, args=args)
+def browser() -> Iterator[Browser]:
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @dataclass
@@ -74,59 +47,19 @@ def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Farm]:
     app = create_api_app(Settings(data_dir=tmp_path_factory.mktemp("docs-browser")))
     store = app.extensions["dalle_farm"].store
     _, secret = store.create_key("browser")
-    sockets = listen("127.0.0.1", 0)
-    port = sockets[0].getsockname()[1]
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=serve_app, args=(app, sockets, ServerConfig(threads=4), stop), daemon=True
-    )
-    thread.start()
     try:
-        yield Farm(f"http://127.0.0.1:{port}", secret)
+        with api_server(app) as origin:
+            yield Farm(origin, secret)
     finally:
-        stop.set()
-        thread.join(30)
         store.close()
-    assert not thread.is_alive(), "the server did not stop"
-
-
-@dataclass
-class Traffic:
-    """What the page did, recorded as it happened."""
-
-    requests: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def watch(self, page: Page) -> None:
-        def on_console(message: ConsoleMessage) -> None:
-            # A Content-Security-Policy violation is reported as a console error too.
-            if message.type == "error":
-                self.errors.append(f"console: {message.text}")
-
-        def on_failed(request: Request) -> None:
-            self.failed.append(f"{request.method} {request.url}: {request.failure}")
-
-        def on_response(response: Response) -> None:
-            if response.status >= 400:
-                self.failed.append(f"{response.request.method} {response.url}: {response.status}")
-
-        page.on("request", lambda request: self.requests.append(request.url))
-        page.on("requestfailed", on_failed)
-        page.on("response", on_response)
-        page.on("console", on_console)
-        page.on("pageerror", lambda error: self.errors.append(f"page: {error}"))
 
 
 @pytest.fixture
-def docs(browser: Browser, farm: Farm, tmp_path: Path) -> Iterator[tuple[Page, Traffic]]:
-    """/docs open in a fresh page, with Swagger UI done rendering the document."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(BROWSER_TIMEOUT_MS)
-    page = context.new_page()
-    traffic = Traffic()
-    traffic.watch(page)
-    try:
+def docs(browser: Browser, farm: Farm, tmp_path: Path) -> Iterator[tuple[Page, WatchedPage]]:
+    """/docs open in a fresh page, with Swagger UI done rendering the document (what the page
+    looked like goes to the test's tmp_path/docs.png, passed or failed, for a person)."""
+    with open_page(browser, 1280, 900, BROWSER_TIMEOUT_MS, tmp_path / "docs.png") as watched:
+        page = watched.page
         page.goto(f"{farm.origin}/docs")
         # Operations are drawn only once /openapi.json was fetched and parsed. Otherwise Swagger
         # UI shows an errors box (fetch or parse errors) or "Unable to render this definition"
@@ -134,18 +67,14 @@ def docs(browser: Browser, farm: Farm, tmp_path: Path) -> Iterator[tuple[Page, T
         page.locator(".opblock, .errors-wrapper, .version-pragma").first.wait_for()
         problems = page.locator(".errors-wrapper, .version-pragma").all_inner_texts()
         assert problems == [], f"Swagger UI did not render /openapi.json: {problems}"
-        yield page, traffic
-    finally:
-        with suppress(Exception):  # what the page looked like, passed or failed, for a person
-            page.screenshot(path=str(tmp_path / "docs.png"), full_page=True)
-        context.close()
+        yield page, watched
 
 
 def operation(page: Page, method: str, path: str) -> Locator:
     return page.locator(f'.opblock-{method}:has(.opblock-summary-path[data-path="{path}"])')
 
 
-def test_swagger_ui_renders_the_document(docs: tuple[Page, Traffic], farm: Farm) -> None:
+def test_swagger_ui_renders_the_document(docs: tuple[Page, WatchedPage], farm: Farm) -> None:
     page, traffic = docs
     assert page.title() == "dalle-farm API"
     info = page.locator(".information-container .title")
@@ -177,7 +106,7 @@ def execute(page: Page, method: str, path: str) -> str:
     return str(status.inner_text()).strip()
 
 
-def test_try_it_out_calls_the_api(docs: tuple[Page, Traffic], farm: Farm) -> None:
+def test_try_it_out_calls_the_api(docs: tuple[Page, WatchedPage], farm: Farm) -> None:
     page, traffic = docs
     assert execute(page, "get", "/healthz") == "200"
     # The keyed calls, with the key given to "Authorize" (the document's bearer scheme).

@@ -4,11 +4,9 @@ SQLite and images as local files, used the way a user would with curl."""
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,55 +15,8 @@ from PIL import Image
 from core.job import JobRecord, JobStatus, new_job_id, utc_now
 from core.queue_sqlite import SqliteJobQueue
 from core.store_sqlite import SqliteJobStore
-from tests.farm_helpers import REPO_ROOT, FarmProcess, http, http_json, subprocess_env, wait_for
-from tests.servers import free_port
-
-JOB_TIMEOUT_S = 90
-
-
-class Serve:
-    def __init__(self, env: dict[str, str], log: Path, host: str = "127.0.0.1") -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.process = FarmProcess(["serve", "--host", host, "--port", str(self.port)], env, log)
-        self.headers: dict[str, str] = {}
-
-    def start(self) -> Serve:
-        self.process.start()
-        self.process.wait_for_log("the worker is ready", 90)
-        wait_for(lambda: self._healthy(), 30, "the API to answer")
-        return self
-
-    def _healthy(self) -> bool:
-        try:
-            return http("GET", f"{self.base}/healthz", timeout_s=5)[0] == 200
-        except OSError:
-            return False
-
-    def submit(self, body: dict[str, Any]) -> Any:
-        status, headers, content = http("POST", f"{self.base}/v1/jobs", body, self.headers)
-        assert status == 202, content[:500]
-        assert headers["Location"].endswith(json.loads(content)["id"])
-        return json.loads(content)
-
-    def job(self, job_id: str) -> Any:
-        return http_json("GET", f"{self.base}/v1/jobs/{job_id}", headers=self.headers)
-
-    def wait_status(self, job_id: str, status: str) -> Any:
-        def reached() -> Any:
-            job = self.job(job_id)
-            assert job["status"] in ("queued", "running", status), job
-            return job if job["status"] == status else None
-
-        try:
-            return wait_for(reached, JOB_TIMEOUT_S, f"job {job_id} to be {status}", 0.1)
-        except AssertionError as error:
-            raise AssertionError(f"{error}\n{self.process.log()[-4000:]}") from None
-
-    def fetch(self, url: str) -> bytes:
-        status, _, content = http("GET", self.base + url, headers=self.headers)
-        assert status == 200, (url, status, content[:300])
-        return content
+from tests.embedded_serve import JOB_TIMEOUT_S, Serve
+from tests.farm_helpers import REPO_ROOT, http, http_json, subprocess_env, wait_for
 
 
 @pytest.fixture(scope="module")

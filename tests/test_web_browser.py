@@ -4,58 +4,52 @@ API with keys required for the key form. tests/test_web.py checks the blueprint 
 only a browser shows the page working: submitting, live progress, the grid and its tiles,
 canceling, field errors, the key form and the farm page's numbers.
 
-Screenshots of each page go to test-artifacts/web/ (git-ignored), passed or failed; the one in
-the README (docs/web-app.jpg) is taken here too.
+Screenshots of each page go to test-artifacts/web/ (git-ignored), passed or failed, and so does
+web-app.jpg, the job page as the README shows it. The README's own copy, docs/web-app.jpg (in
+git), is replaced with it only when asked, with DALLE_FARM_UPDATE_SCREENSHOTS=1:
+
+    DALLE_FARM_UPDATE_SCREENSHOTS=1 .venv/bin/python -m pytest tests/test_web_browser.py
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-import threading
+import shutil
 from collections.abc import Iterator
-from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.server import ServerConfig, listen, serve_app
 from cli.api import create_api_app
 from core.contract import JobParams
 from core.job import JobRecord, JobStatus, new_job_id, utc_now
 from core.settings import Settings
+from tests.browser import WatchedPage, chromium, open_page
+from tests.embedded_serve import Serve
 from tests.farm_helpers import REPO_ROOT, http, http_json, subprocess_env, wait_for
-from tests.test_docs_browser import ROOT, _unavailable
-from tests.test_embedded import Serve
+from tests.servers import api_server
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Page
+    from playwright.sync_api import Browser, Page
 
 BROWSER_TIMEOUT_MS = 60_000
 JOB_TIMEOUT_S = 120
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "web"
 README_SCREENSHOT = REPO_ROOT / "docs" / "web-app.jpg"
+UPDATE_SCREENSHOTS = "DALLE_FARM_UPDATE_SCREENSHOTS"  # "1": replace README_SCREENSHOT
 # A job that runs for a while on the small model on a slow CPU: 64 images per decoder step.
 SLOW_GRID = 8
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        _unavailable("chromium (sudo apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("playwright (pip install -e '.[test]')")
-    with sync_playwright() as playwright:
-        args = ["--no-sandbox"] if ROOT else []
-        launched = playwright.chromium.launch(executable_path=str(chromium), args=args)
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -94,54 +88,19 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedFarm]:
     params = JobParams(text=prompt, seed=3).to_dict()
     job_id = new_job_id()
     store.create_job(JobRecord(job_id, key.id, JobStatus.QUEUED, params, created_at=utc_now()))
-    sockets = listen("127.0.0.1", 0)
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=serve_app, args=(app, sockets, ServerConfig(threads=4), stop), daemon=True
-    )
-    thread.start()
     try:
-        yield KeyedFarm(f"http://127.0.0.1:{sockets[0].getsockname()[1]}", secret, prompt, job_id)
+        with api_server(app) as origin:
+            yield KeyedFarm(origin, secret, prompt, job_id)
     finally:
-        stop.set()
-        thread.join(30)
         store.close()
 
 
-@dataclass
-class Watched:
-    page: Page
-    errors: list[str] = field(default_factory=list)
-    urls: list[str] = field(default_factory=list)
-
-    def check(self) -> None:
-        """No uncaught error, no Content-Security-Policy violation, no failed load other than
-        an HTTP error answer the test asked for (the browser logs those as console errors)."""
-        unexpected = [e for e in self.errors if "Failed to load resource" not in e]
-        assert unexpected == [], unexpected
-
-
 @pytest.fixture
-def web(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Watched]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
-    context.set_default_timeout(BROWSER_TIMEOUT_MS)
-    page = context.new_page()
-    watched = Watched(page)
-
-    def on_console(message: ConsoleMessage) -> None:
-        if message.type == "error":
-            watched.errors.append(f"console: {message.text}")
-
-    page.on("console", on_console)
-    page.on("pageerror", lambda error: watched.errors.append(f"page: {error}"))
-    page.on("request", lambda r: watched.urls.append(r.url))
-    try:
+def web(browser: Browser, request: pytest.FixtureRequest) -> Iterator[WatchedPage]:
+    """A fresh page, screenshot into ARTIFACTS under the test's name when the test ends."""
+    screenshot = ARTIFACTS / f"{request.node.name}.png"
+    with open_page(browser, 1100, 900, BROWSER_TIMEOUT_MS, screenshot) as watched:
         yield watched
-    finally:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        with suppress(Exception):
-            page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-        context.close()
 
 
 def wait_js(page: Page, expression: str, timeout_s: float = BROWSER_TIMEOUT_MS / 1000) -> None:
@@ -187,7 +146,7 @@ def submit(page: Page, text: str, **fields: str) -> str:
     return href.rsplit("/", 1)[1]
 
 
-def test_submit_watch_the_progress_and_open_a_tile(web: Watched, serve: Serve) -> None:
+def test_submit_watch_the_progress_and_open_a_tile(web: WatchedPage, serve: Serve) -> None:
     page = web.page
     page.goto(f"{serve.base}/")
     assert page.title() == "dalle-farm"
@@ -238,12 +197,14 @@ def test_submit_watch_the_progress_and_open_a_tile(web: Watched, serve: Serve) -
     assert job["params"]["seed"] == 5
     page.set_viewport_size({"width": 1000, "height": 760})
     page.evaluate("window.scrollTo(0, 0)")
-    README_SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(README_SCREENSHOT), type="jpeg", quality=70)
+    screenshot = ARTIFACTS / README_SCREENSHOT.name
+    page.screenshot(path=str(screenshot), type="jpeg", quality=70)
+    if os.environ.get(UPDATE_SCREENSHOTS) == "1":
+        shutil.copyfile(screenshot, README_SCREENSHOT)
     web.check()
 
 
-def test_a_bad_value_is_shown_at_its_field(web: Watched, serve: Serve) -> None:
+def test_a_bad_value_is_shown_at_its_field(web: WatchedPage, serve: Serve) -> None:
     page = web.page
     page.goto(f"{serve.base}/")
     page.click(".more summary")
@@ -267,7 +228,7 @@ def test_a_bad_value_is_shown_at_its_field(web: Watched, serve: Serve) -> None:
     web.check()
 
 
-def test_cancel_a_running_job_and_again(web: Watched, serve: Serve) -> None:
+def test_cancel_a_running_job_and_again(web: WatchedPage, serve: Serve) -> None:
     page = web.page
     page.goto(f"{serve.base}/")
     page.locator("li.job").first.wait_for()
@@ -307,7 +268,7 @@ def test_cancel_a_running_job_and_again(web: Watched, serve: Serve) -> None:
     web.check()
 
 
-def test_the_key_form_when_keys_are_required(web: Watched, keyed: KeyedFarm) -> None:
+def test_the_key_form_when_keys_are_required(web: WatchedPage, keyed: KeyedFarm) -> None:
     page = web.page
     page.goto(f"{keyed.origin}/")
     dialog = page.locator("#key-dialog")
@@ -325,7 +286,7 @@ def test_the_key_form_when_keys_are_required(web: Watched, keyed: KeyedFarm) -> 
     page.reload()
     page.locator("li.job .prompt", has_text=keyed.prompt).wait_for()
     assert not dialog.is_visible()
-    assert not [url for url in web.urls if keyed.secret in url]
+    assert not [url for url in web.requests if keyed.secret in url]
     # A phone's width: nothing sticks out sideways.
     page.set_viewport_size({"width": 360, "height": 740})
     page.screenshot(path=str(ARTIFACTS / "narrow.png"), full_page=True)
@@ -333,7 +294,7 @@ def test_the_key_form_when_keys_are_required(web: Watched, keyed: KeyedFarm) -> 
     web.check()
 
 
-def test_the_event_stream_parser(web: Watched, keyed: KeyedFarm) -> None:
+def test_the_event_stream_parser(web: WatchedPage, keyed: KeyedFarm) -> None:
     """api/web/sse.js, in the page: events split anywhere across chunks, CRLF and CR line
     ends, comments, multi-line data and the last id (for Last-Event-ID)."""
     page = web.page
@@ -396,7 +357,7 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
     return float("nan")
 
 
-def test_the_farm_page_shows_what_metrics_says(web: Watched, serve: Serve) -> None:
+def test_the_farm_page_shows_what_metrics_says(web: WatchedPage, serve: Serve) -> None:
     page = web.page
     wait_for(
         lambda: metrics(serve.base)[("dalle_farm_jobs", "status=running")] == 0,
@@ -458,7 +419,7 @@ def test_the_farm_page_shows_what_metrics_says(web: Watched, serve: Serve) -> No
     web.check()
 
 
-def test_a_job_page_follows_the_event_stream(web: Watched, keyed: KeyedFarm) -> None:
+def test_a_job_page_follows_the_event_stream(web: WatchedPage, keyed: KeyedFarm) -> None:
     """The job page reads GET /v1/jobs/{id}/events with the key, and reconnects with
     Last-Event-ID when a stream ends before "done". The stream here is played by the browser's
     request interception (the farm's own endpoint is tested with the API)."""

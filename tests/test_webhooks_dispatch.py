@@ -40,6 +40,12 @@ class Receiver:
         with self.lock:
             return [entry for entry in self.seen if entry[0] == path]
 
+    def hook(self, path: str, *answers: int) -> str:
+        """The URL of `path` here, which answers `answers` first (then 200)."""
+        with self.lock:
+            self.answers[path] = list(answers)
+        return self.url + path
+
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
@@ -95,14 +101,19 @@ def settings(**changes: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def finished_job(store: SqliteJobStore, url: str, owner: str = "local") -> JobRecord:
-    record = JobRecord(
+def queued_job(url: str, owner: str = "local") -> JobRecord:
+    """A new job's record, with a webhook to `url`."""
+    return JobRecord(
         id=new_job_id(),
         owner=owner,
         status=JobStatus.QUEUED,
         params={"text": "a fox", "seed": 3, "webhook_url": url},
         created_at=utc_now(),
     )
+
+
+def finished_job(store: SqliteJobStore, url: str, owner: str = "local") -> JobRecord:
+    record = queued_job(url, owner)
     store.create_job(record)
     store.transition(record.id, JobStatus.RUNNING, started_at=utc_now())
     done = store.transition(
@@ -165,8 +176,7 @@ def test_a_500_is_tried_again_with_the_same_delivery_id(
     farm: tuple[SqliteJobStore, LocalStorage], receiver: Receiver, dispatcher: WebhookDispatcher
 ) -> None:
     store, _ = farm
-    receiver.answers["/flaky"] = [500]
-    job = finished_job(store, f"{receiver.url}/flaky")
+    job = finished_job(store, receiver.hook("/flaky", 500))
     assert final_state(store, job.id) == ("delivered", 2, "the receiver answered 500")
     ids = {headers["X-Dalle-Farm-Delivery"] for _, headers, _ in receiver.requests("/flaky")}
     assert len(receiver.requests("/flaky")) == 2 and len(ids) == 1
@@ -176,8 +186,7 @@ def test_a_timeout_is_tried_again(
     farm: tuple[SqliteJobStore, LocalStorage], receiver: Receiver, dispatcher: WebhookDispatcher
 ) -> None:
     store, _ = farm
-    receiver.answers["/slow"] = [HANG]
-    job = finished_job(store, f"{receiver.url}/slow")
+    job = finished_job(store, receiver.hook("/slow", HANG))
     state, attempts, error = final_state(store, job.id)
     assert (state, attempts) == ("delivered", 2)
     assert error is not None and "no answer within 1 s" in error
@@ -188,10 +197,8 @@ def test_deliveries_give_up_after_the_last_try_or_a_final_answer(
     farm: tuple[SqliteJobStore, LocalStorage], receiver: Receiver, dispatcher: WebhookDispatcher
 ) -> None:
     store, _ = farm
-    receiver.answers["/down"] = [503, 503, 503]
-    receiver.answers["/gone"] = [410]
-    down = finished_job(store, f"{receiver.url}/down")
-    gone = finished_job(store, f"{receiver.url}/gone")
+    down = finished_job(store, receiver.hook("/down", 503, 503, 503))
+    gone = finished_job(store, receiver.hook("/gone", 410))
     assert final_state(store, down.id) == (
         "failed",
         2,
@@ -206,8 +213,7 @@ def test_a_hanging_receiver_holds_only_its_own_delivery(
     farm: tuple[SqliteJobStore, LocalStorage], receiver: Receiver, dispatcher: WebhookDispatcher
 ) -> None:
     store, _ = farm
-    receiver.answers["/hang"] = [HANG]
-    hanging = finished_job(store, f"{receiver.url}/hang")
+    hanging = finished_job(store, receiver.hook("/hang", HANG))
     wait_for(lambda: receiver.requests("/hang"), 30, "the hanging delivery to start")
     others = [finished_job(store, f"{receiver.url}/ok") for _ in range(3)]
     for job in others:
@@ -248,14 +254,7 @@ def test_celery_workers_start_a_dispatcher_over_redis(receiver: Receiver, tmp_pa
         store = RedisJobStore(server.url)
         try:
             key, _ = store.create_key("bob")
-            receiver.answers["/redis"] = [500]
-            record = JobRecord(
-                id=new_job_id(),
-                owner=key.id,
-                status=JobStatus.QUEUED,
-                params={"text": "a fox", "seed": 3, "webhook_url": f"{receiver.url}/redis"},
-                created_at=utc_now(),
-            )
+            record = queued_job(receiver.hook("/redis", 500), owner=key.id)
             store.create_job(record)
             store.request_cancel(record.id)
 
