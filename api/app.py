@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
-from api import docs, health, metrics, openapi, operations, routes, web
+from api import docs, events, health, metrics, openapi, operations, routes, web
 from api.problems import register_error_handlers
 from api.services import Services, ServicesBuilder, services_from_settings
 from core.queue import JobQueue
@@ -58,6 +58,7 @@ def create_app(
     app.extensions["dalle_farm"] = services
     register_error_handlers(app)
     app.register_blueprint(routes.create_blueprint(settings, services, anonymous_owner))
+    app.register_blueprint(events.create_blueprint(settings, services, anonymous_owner))
     app.register_blueprint(health.create_blueprint(services))
     app.register_blueprint(metrics.create_blueprint(services))
     app.register_blueprint(openapi.create_blueprint())

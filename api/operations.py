@@ -161,6 +161,53 @@ GET_FILE = Operation(
     keyed=True,
 )
 
+_EVENT_STREAM = {
+    "text/event-stream": {
+        "schema": {
+            "type": "string",
+            "description": "Server-Sent Events: `id:`, `event:` (status, progress, preview or "
+            "done) and `data:` (one line of JSON) per event; comment lines keep the connection "
+            "alive.",
+        }
+    }
+}
+LAST_EVENT_ID = Param(
+    "Last-Event-ID",
+    "header",
+    {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[\x21-\x7e]+$"},
+    description="The id of the last event received, to resume after it on a reconnect.",
+)
+_STREAM_PROBLEMS = {
+    400: "Last-Event-ID is not an id this stream sends.",
+    429: "This API process has DALLE_FARM_MAX_EVENT_STREAMS streams open; retry after "
+    "Retry-After seconds.",
+    503: BACKEND_DOWN,
+}
+
+JOB_EVENTS = Operation(
+    "jobEvents",
+    "A job's live events (Server-Sent Events)",
+    description="First the job's state now (a `status` event, or `done` when it is finished), "
+    "then each change: `status` (the job's JSON), `progress` ({id, step, total}), `preview` "
+    "({id, frame, key, url}), and last `done` (the final job JSON), after which the stream "
+    "ends. Reconnect with Last-Event-ID to resume without loss.",
+    parameters=(JOB_ID, LAST_EVENT_ID),
+    answers={200: Answer("The event stream.", content=_EVENT_STREAM)},
+    problems={404: "No such job for this API key.", **_STREAM_PROBLEMS},
+    keyed=True,
+)
+
+OWNER_EVENTS = Operation(
+    "events",
+    "Live events of all the caller's jobs (Server-Sent Events)",
+    description="The events of GET /v1/jobs/{id}/events for every job of this API key, from "
+    "now on (or after Last-Event-ID), until the client closes the stream.",
+    parameters=(LAST_EVENT_ID,),
+    answers={200: Answer("The event stream.", content=_EVENT_STREAM)},
+    problems=_STREAM_PROBLEMS,
+    keyed=True,
+)
+
 _TEXT = {"schema": {"type": "string"}}
 
 

@@ -40,6 +40,7 @@ PROBLEM_TYPES = {
     "invalid-request": "The request is not valid",
     "idempotency-conflict": "The Idempotency-Key was used with another body",
     "job-finished": "The job has already finished",
+    "too-many-streams": "Too many event streams are open",
     "unauthorized": "An API key is required",
     "unavailable": "A backend the API needs is unavailable",
     "not-ready": "The API is not ready",

@@ -54,7 +54,7 @@ from core.job import (
 )
 from core.settings import Settings
 from core.storage import LocalStorage, ObjectNotFound
-from core.store import IdempotencyConflict, JobNotFound
+from core.store import IdempotencyConflict, JobNotFound, JobStore
 from core.webhooks import AllowList, WebhookRefused, resolve_url
 
 logger = logging.getLogger(__name__)
@@ -189,11 +189,11 @@ class JobViews:
 
     def get_job(self, job_id: str) -> Response:
         """GET /v1/jobs/{id}."""
-        return jsonify(job_json(self._owned_job(job_id), self.storage))
+        return jsonify(job_json(owned_job(self.store, job_id), self.storage))
 
     def cancel_job(self, job_id: str) -> Response:
         """DELETE /v1/jobs/{id}: see the module docstring for the answers."""
-        job = self._owned_job(job_id)
+        job = owned_job(self.store, job_id)
         if job.status is JobStatus.CANCELED:
             return jsonify(job_json(job, self.storage))
         if not job.status.is_terminal:
@@ -246,11 +246,13 @@ class JobViews:
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
-    def _owned_job(self, job_id: str) -> JobRecord:
-        job = self.store.get_job(job_id) if is_job_id(job_id) else None
-        if job is None or job.owner != current_owner():
-            _job_not_found(job_id)
-        return job
+
+def owned_job(store: JobStore, job_id: str) -> JobRecord:
+    """The caller's job `job_id`; 404 if there is none (another key's job is none)."""
+    job = store.get_job(job_id) if is_job_id(job_id) else None
+    if job is None or job.owner != current_owner():
+        _job_not_found(job_id)
+    return job
 
 
 def _job_not_found(job_id: str) -> NoReturn:

@@ -12,6 +12,12 @@ and only then gives it to a thread, so slow clients cost a socket each, up to
 `max_connections`; each request has `request_timeout_s` to arrive whole, and an idle connection
 is closed after `idle_timeout_s`. No proxy is needed in front for that (infra/README.md).
 
+Event streams (GET /v1/jobs/{id}/events, /v1/events; api/events.py) last as long as a client
+watches, so they run on a pool of threads of their own, grown as needed up to
+`event_streams` + a few (to answer the 429 past the app's limit at once); the `threads` that
+answer every other request are never taken by a stream. The app finds the server's stop Event
+in its WSGI environ, so every stream ends as soon as the server stops.
+
 Several processes (`processes` > 1) share the listening sockets, each with its own threads and
 its own copy of the app, built after the fork: the app's connections to Redis and S3 are never
 shared between processes. SIGTERM or SIGINT stops accepting, lets the requests in progress
@@ -29,12 +35,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.task import ThreadedTaskDispatcher
 
+from api.events import STOP_ENVIRON_KEY, is_event_stream
 from api.protocol import HardenedAdjustments, HardenedServer, Limits, busy_channels
 
 if TYPE_CHECKING:
@@ -51,6 +58,8 @@ LOOP_TIMEOUT_S = 0.5
 EXIT_BOOT_FAILED = 3
 RESTART_PAUSE_S = 1.0
 BACKLOG = 1024
+# Stream threads beyond the app's stream limit, so that a stream past it gets its 429 at once.
+SPARE_STREAM_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,7 @@ class ServerConfig:
     max_connections: int = 1000
     max_header_bytes: int = 16384
     shutdown_timeout_s: float = 20
+    event_streams: int = 256
 
     @classmethod
     def from_settings(cls, settings: Settings, threads: int) -> ServerConfig:
@@ -72,6 +82,7 @@ class ServerConfig:
             idle_timeout_s=settings.idle_timeout_s,
             max_connections=settings.max_connections,
             max_header_bytes=settings.max_header_bytes,
+            event_streams=settings.max_event_streams,
         )
 
 
@@ -138,14 +149,13 @@ def serve_app(
         ident="dalle-farm",
     )
     socket_map: dict[int, Any] = {}
-    dispatcher = ThreadedTaskDispatcher()
-    dispatcher.set_thread_count(config.threads)
+    dispatcher = _Dispatcher(config.threads, config.event_streams + SPARE_STREAM_THREADS)
     servers = [
         HardenedServer(
-            _with_access_log(app),
+            _with_stop(_with_access_log(app), stop),
             socket_map,
             _sock=sock,
-            dispatcher=dispatcher,
+            dispatcher=cast(Any, dispatcher),
             adj=adjustments,
             bind_socket=False,
             sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
@@ -164,6 +174,51 @@ def serve_app(
         wasyncore.close_all(socket_map)
         for sock in sockets:
             sock.close()
+
+
+class _GrowingPool(ThreadedTaskDispatcher):
+    """waitress's thread pool, started empty and grown by a thread whenever a task finds none
+    idle, up to `limit` (stream threads are many and mostly unused)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def add_task(self, task: Any) -> None:
+        with self.lock:
+            idle = len(self.threads) - self.stop_count - self.active_count
+            grow = idle <= len(self.queue) and len(self.threads) < self.limit
+        if grow:
+            self.set_thread_count(len(self.threads) + 1)
+        with self.lock:  # as waitress's add_task, without its warning about a queue
+            self.queue.append(task)
+            self.queue_cv.notify()
+
+
+class _Dispatcher:
+    """Hands each request to the request threads, or an event stream to the stream threads."""
+
+    def __init__(self, threads: int, stream_threads: int) -> None:
+        self.requests = ThreadedTaskDispatcher()
+        self.requests.set_thread_count(threads)
+        self.streams = _GrowingPool(stream_threads)
+
+    def add_task(self, channel: Any) -> None:
+        # The channel's next request is whole (waitress queues a channel once it is).
+        request = channel.requests[0] if channel.requests else None
+        stream = (
+            request is not None
+            and request.error is None
+            and is_event_stream(request.command, request.path)
+        )
+        (self.streams if stream else self.requests).add_task(channel)
+
+    def set_thread_count(self, count: int) -> None:
+        self.requests.set_thread_count(count)
+
+    def shutdown(self, cancel_pending: bool = True, timeout: int = 5) -> bool:
+        streams = self.streams.shutdown(cancel_pending, timeout)
+        return self.requests.shutdown(cancel_pending, timeout) and streams
 
 
 def _drain(servers: list[HardenedServer], socket_map: dict[int, Any], deadline: float) -> None:
@@ -190,6 +245,16 @@ def _drain(servers: list[HardenedServer], socket_map: dict[int, Any], deadline: 
 def _url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _with_stop(app: WSGIApplication, stop: threading.Event) -> WSGIApplication:
+    """The app, with the server's stop Event in each request's environ (api/events.py)."""
+
+    def stoppable(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        environ[STOP_ENVIRON_KEY] = stop
+        return app(environ, start_response)
+
+    return stoppable
 
 
 def _with_access_log(app: WSGIApplication) -> WSGIApplication:

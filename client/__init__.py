@@ -7,7 +7,8 @@
 
 Torch-, Flask-, Celery- and boto3-free: it talks HTTP with requests.
 
-    http.py      FarmClient: the API's calls, with timeouts, retries, idempotency
+    http.py      FarmClient: the API's calls, with timeouts, retries, idempotency, events
+    answers.py   reading answers: what to retry, Retry-After, jobs checked against the contract
     jobs.py      Job and FileRef: the answers, checked against core.contract
     errors.py    the errors it raises (FarmError and its tree)
     rows.py      bulk input: prompt files (.txt, .csv, .jsonl) → rows → planned jobs
@@ -21,6 +22,7 @@ from client.errors import (
     Conflict,
     FarmError,
     JobFailed,
+    NoEventStream,
     NotFound,
     Problem,
     RateLimited,
@@ -43,6 +45,7 @@ __all__ = [
     "FileRef",
     "Job",
     "JobFailed",
+    "NoEventStream",
     "NotFound",
     "Problem",
     "RateLimited",

@@ -70,6 +70,10 @@ class TransportError(FarmError):
     """The request got no answer: the connection was refused, reset or cut."""
 
 
+class NoEventStream(FarmError):
+    """The server answered, but with no event stream (an older farm)."""
+
+
 class RequestTimeout(TransportError):
     """The server did not answer within the client's timeout."""
 

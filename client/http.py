@@ -1,4 +1,5 @@
-"""FarmClient: the farm's REST API from Python (submit, get, wait, cancel, list, download).
+"""FarmClient: the farm's REST API from Python (submit, get, wait, watch, cancel, list,
+download).
 
     with FarmClient("http://farm:8000", api_key="…") as farm:
         job = farm.submit("a painting of a fox", seed=7, grid_size=2)
@@ -12,6 +13,9 @@ are idempotent, and each submit carries an Idempotency-Key (a new UUID unless th
 one), the same on every retry, so a POST whose answer was lost never creates a second job.
 Errors are typed (client.errors) and carry the server's problem detail.
 
+`watch` reads a job's live events (GET /v1/jobs/{id}/events, Server-Sent Events), resuming a
+broken connection with Last-Event-ID; `wait` follows that stream rather than polling.
+
 A FarmClient may be shared by threads: each thread gets its own HTTP session.
 """
 
@@ -23,7 +27,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -31,9 +34,12 @@ from urllib.parse import urljoin, urlsplit
 import requests
 from pydantic import ValidationError
 
+from client.answers import is_retryable, job_of, json_of, not_the_contract, parse_retry_after
 from client.errors import (
     FarmError,
     JobFailed,
+    NoEventStream,
+    NotFound,
     Problem,
     RequestTimeout,
     TransportError,
@@ -41,6 +47,7 @@ from client.errors import (
     api_error,
 )
 from client.jobs import FileRef, Job
+from core.events import DONE, STATUS, Event, parse_stream
 
 __all__ = ["API_KEY_ENV", "SERVER_ENV", "FarmClient", "FileRef", "Job", "JobPage"]
 
@@ -103,11 +110,11 @@ class FarmClient:
         response = self._request(
             "POST", "/v1/jobs", json={"text": text, **settings}, headers={"Idempotency-Key": key}
         )
-        return _job(response)
+        return job_of(response)
 
     def get(self, job_id: str) -> Job:
         """The job as it is now."""
-        return _job(self._request("GET", f"/v1/jobs/{job_id}"))
+        return job_of(self._request("GET", f"/v1/jobs/{job_id}"))
 
     def wait(
         self,
@@ -119,31 +126,112 @@ class FarmClient:
         raise_on_failure: bool = True,
         stop: threading.Event | None = None,
     ) -> Job:
-        """Poll until the job is finished, and return it. Raises JobFailed if it failed or was
+        """Wait until the job is finished, and return it. Raises JobFailed if it failed or was
         canceled (unless `raise_on_failure` is false), WaitTimeout after `timeout_s`. When
-        `stop` is set, returns the job unfinished at once."""
+        `stop` is set, returns the job unfinished.
+
+        It follows the job's event stream (`watch`), so it learns of the end at once and
+        costs the server one open connection, not a request per poll. It polls instead when
+        `stop` is given (a stream can only notice it between events), or when the server has
+        no stream for it (an older farm, its stream limit reached, a broken connection)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = None if stop is not None else self._wait_for_done(job_id, deadline, timeout_s or 0)
         interval = poll_interval_s
-        while True:
-            job = self.get(job_id)
-            if job.is_finished:
-                if raise_on_failure and job.status != "succeeded":
-                    raise JobFailed(job)
-                return job
-            if deadline is not None and time.monotonic() >= deadline:
+        while job is None or not job.is_finished:
+            if job is not None and deadline is not None and time.monotonic() >= deadline:
                 assert timeout_s is not None
                 raise WaitTimeout(job, timeout_s)
-            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
-            if stop is not None:
-                if stop.wait(max(pause, 0.0)):
-                    return job
-            else:
-                self._sleep(max(pause, 0.0))
-            interval = min(interval * 1.5, max_poll_interval_s)
+            if job is not None:
+                pause = interval if deadline is None else min(interval, deadline - time.monotonic())
+                if stop is not None:
+                    if stop.wait(max(pause, 0.0)):
+                        return job
+                else:
+                    self._sleep(max(pause, 0.0))
+                interval = min(interval * 1.5, max_poll_interval_s)
+            job = self.get(job_id)
+        if raise_on_failure and job.status != "succeeded":
+            raise JobFailed(job)
+        return job
+
+    def watch(self, job_id: str, *, last_event_id: str | None = None) -> Iterator[Event]:
+        """The job's live events (core.events.Event: cursor, type, data), from its state now
+        (or after `last_event_id`) to `done`: status and done carry the job's JSON, progress
+        {id, step, total}, preview {id, frame, key, url}. A broken connection is resumed with
+        Last-Event-ID, without loss, up to max_retries times in a row."""
+        cursor = last_event_id
+        failures = 0
+        while True:
+            try:
+                for event in self._events(job_id, cursor):
+                    failures = 0
+                    cursor = event.cursor or cursor
+                    yield event
+                    if event.type == DONE:
+                        return
+            except requests.RequestException as error:
+                if failures >= self.max_retries:
+                    raise TransportError(f"GET /v1/jobs/{job_id}/events: {error}") from None
+                self._sleep(self.retry_delay(failures, None))
+                failures += 1
+            # A stream that ended before `done` (the server stopping): reconnect.
+
+    def _events(
+        self, job_id: str, cursor: str | None, *, retries: int | None = None, read_s: float = 0
+    ) -> Iterator[Event]:
+        """The events of one connection to the job's stream, after `cursor`."""
+        headers = {"Accept": "text/event-stream"}
+        if cursor:
+            headers["Last-Event-ID"] = cursor
+        path = f"/v1/jobs/{job_id}/events"
+        response = self._request(
+            "GET", path, headers=headers, stream=True, retries=retries, read_timeout_s=read_s
+        )
+        with response:
+            if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                raise NoEventStream(f"GET {path}: the server sent no event stream")
+            lines = (line.decode("utf-8", "replace") for line in response.iter_lines())
+            yield from parse_stream(lines)
+
+    def _wait_for_done(self, job_id: str, deadline: float | None, timeout_s: float) -> Job | None:
+        """The job once its stream says it is done; WaitTimeout at `deadline`; None when the
+        stream cannot be had or gives nothing (the caller polls)."""
+        job: Job | None = None
+        cursor = None
+        while True:
+            read_s = self.timeout_s
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and job is not None:
+                    raise WaitTimeout(job, timeout_s)
+                read_s = min(max(remaining, 0.1), self.timeout_s)
+            got = False
+            try:
+                for event in self._events(job_id, cursor, retries=0, read_s=read_s):
+                    got = True
+                    cursor = event.cursor or cursor
+                    if event.type in (STATUS, DONE):
+                        job = Job.from_json(event.data)
+                    if event.type == DONE:
+                        return job
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+            except NotFound:
+                self.get(job_id)  # NotFound again if there really is no such job
+                return None
+            except (requests.ConnectionError, requests.Timeout):
+                # A read timeout (the deadline, or a silent server) or a broken connection:
+                # go on from the cursor if this connection gave anything.
+                if deadline is not None and time.monotonic() >= deadline and job is not None:
+                    raise WaitTimeout(job, timeout_s) from None
+            except (FarmError, requests.RequestException, ValidationError):
+                return None
+            if not got or job is None:
+                return None
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job (Conflict if it already succeeded or failed)."""
-        return _job(self._request("DELETE", f"/v1/jobs/{job_id}"))
+        return job_of(self._request("DELETE", f"/v1/jobs/{job_id}"))
 
     def list_page(
         self, *, status: str | None = None, cursor: str | None = None, limit: int = 50
@@ -155,11 +243,11 @@ class FarmClient:
         if cursor is not None:
             query["cursor"] = cursor
         response = self._request("GET", "/v1/jobs", params=query)
-        page = _json(response)
+        page = json_of(response)
         jobs = page.get("jobs") if isinstance(page, dict) else None
         if not isinstance(jobs, list):
-            raise _not_the_contract(response, "it has no list of jobs")
-        return [_job(response, job) for job in jobs], page.get("next_cursor")
+            raise not_the_contract(response, "it has no list of jobs")
+        return [job_of(response, job) for job in jobs], page.get("next_cursor")
 
     def list(self, *, status: str | None = None, page_size: int = 100) -> Iterator[Job]:
         """Every job of this key (with `status`, if given), newest first, page by page."""
@@ -222,8 +310,15 @@ class FarmClient:
         json: Any = None,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        retries: int | None = None,
+        read_timeout_s: float | None = None,
     ) -> requests.Response:
+        """One call, retried as the module docstring says (at most `retries` times, default
+        max_retries). `stream`: return once the headers are in; the body is read later."""
         url, own = self._url(path_or_url)
+        retries = self.max_retries if retries is None else retries
+        timeout = (self.timeout_s, read_timeout_s or self.timeout_s)
         sent_headers = {"Accept": "application/json, application/problem+json, */*"}
         sent_headers.update(headers or {})
         if own and self.api_key:
@@ -239,7 +334,8 @@ class FarmClient:
                     json=json,
                     params=params,
                     headers=sent_headers,
-                    timeout=self.timeout_s,
+                    timeout=timeout,
+                    stream=stream,
                 )
             except requests.Timeout as error:
                 failure: FarmError = RequestTimeout(
@@ -260,7 +356,7 @@ class FarmClient:
                 if not is_retryable(response.status_code):
                     raise failure
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            if attempt >= self.max_retries:
+            if attempt >= retries:
                 raise failure
             self._sleep(self.retry_delay(attempt, retry_after))
             attempt += 1
@@ -272,58 +368,3 @@ class FarmClient:
             return min(max(retry_after, 0.0), self.max_retry_after_s)
         ceiling = min(self.backoff_s * 2**attempt, self.max_backoff_s)
         return random.uniform(ceiling / 2, ceiling)
-
-
-def is_retryable(status: int) -> bool:
-    """408 (the request did not arrive whole in time), 429 (too many requests) and 5xx are worth
-    retrying; other errors would fail again."""
-    return status in (408, 429) or status >= 500
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds: delay-seconds or an HTTP date; None if absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        return None
-    return max(when.timestamp() - time.time(), 0.0)
-
-
-def _job(response: requests.Response, body: Any = None) -> Job:
-    """The job in `response` (or `body`, one job of its page), checked against the contract."""
-    body = _json(response) if body is None else body
-    if not isinstance(body, dict):
-        raise _not_the_contract(response, "it is not a JSON object")
-    try:
-        return Job.from_json(body)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(map(str, detail['loc'])) or 'the job'}: {detail['msg']}"
-            for detail in error.errors(include_url=False)[:3]
-        )
-        raise _not_the_contract(response, problems) from None
-
-
-def _not_the_contract(response: requests.Response, why: str) -> FarmError:
-    return FarmError(
-        f"{response.request.method} {response.url.split('?', 1)[0]}: the answer is not a job "
-        f"of this client's API contract ({why}); is the server a farm of the same version?"
-    )
-
-
-def _json(response: requests.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        raise FarmError(
-            f"{response.request.method} {response.url.split('?', 1)[0]}: the answer "
-            f"({response.status_code}, {response.headers.get('Content-Type')}) is not JSON; "
-            "is the server URL the farm's API?"
-        ) from None

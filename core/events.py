@@ -38,7 +38,7 @@ EVENT_TYPES = (STATUS, PROGRESS, PREVIEW, DONE)
 
 # A comment line: ignored by every SSE reader, it keeps proxies from closing an idle stream.
 KEEP_ALIVE = b": keep-alive\n\n"
-KEEP_ALIVE_S = 15.0
+KEEP_ALIVE_S = 5.0
 # What the server suggests a client wait before reconnecting (`retry:`), in milliseconds.
 RETRY_MS = 2000
 # Cursors are ids the server gave out: short printable ASCII. Anything else is not one.

@@ -41,6 +41,8 @@ DALLE_FARM_IDLE_TIMEOUT_S     seconds an idle keep-alive connection stays open (
 DALLE_FARM_MAX_CONNECTIONS    open connections per API process; more wait to be accepted
                               (default 1000)
 DALLE_FARM_MAX_HEADER_BYTES   the request line and headers together, at most (default 16384)
+DALLE_FARM_MAX_EVENT_STREAMS  live event streams open at once per API process, on threads of
+                              their own; more answer 429 (default 256)
 DALLE_FARM_WEBHOOK_ALLOW      hosts and networks (CIDR) that webhooks may call although they
                               are not public, comma-separated (default: none)
 DALLE_FARM_WEBHOOK_TIMEOUT_S  seconds a webhook delivery may take, connect to answer (default 10)
@@ -102,6 +104,7 @@ class Settings:
     idle_timeout_s: int = 60
     max_connections: int = 1000
     max_header_bytes: int = 16384
+    max_event_streams: int = 256
     webhook_allow: str | None = None
     webhook_timeout_s: int = 10
     webhook_max_attempts: int = 10
@@ -173,6 +176,7 @@ class Settings:
             idle_timeout_s=integer("IDLE_TIMEOUT_S", 60, 1, 86400),
             max_connections=integer("MAX_CONNECTIONS", 1000, 1, 100000),
             max_header_bytes=integer("MAX_HEADER_BYTES", 16384, 1024, 1048576),
+            max_event_streams=integer("MAX_EVENT_STREAMS", 256, 1, 10000),
             webhook_allow=_webhook_allow(get("WEBHOOK_ALLOW")),
             webhook_timeout_s=integer("WEBHOOK_TIMEOUT_S", 10, 1, 300),
             webhook_max_attempts=integer("WEBHOOK_MAX_ATTEMPTS", 10, 1, 100),

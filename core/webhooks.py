@@ -30,6 +30,8 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -185,9 +187,23 @@ def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
 Resolver = Callable[[str, int], Iterable[str]]
 
 
-def system_resolver(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to (getaddrinfo), as text."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+# The longest a webhook host's lookup may take: getaddrinfo has no timeout of its own, and a
+# slow resolver must not hold a submit (or a delivery thread) for its own retries' length.
+DNS_TIMEOUT_S = 5.0
+# Lookups run on these threads, so that a caller can stop waiting; one that hangs holds a
+# thread until the system resolver gives up, and at most this many hang at once.
+_LOOKUPS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook-dns")
+
+
+def system_resolver(host: str, port: int, timeout_s: float = DNS_TIMEOUT_S) -> list[str]:
+    """Every address `host` resolves to (getaddrinfo), as text; OSError if the lookup fails
+    or takes longer than `timeout_s`."""
+    lookup = _LOOKUPS.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = lookup.result(timeout=timeout_s)
+    except FutureTimeout:
+        lookup.cancel()
+        raise OSError(f"no answer from DNS within {timeout_s:g} s") from None
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 

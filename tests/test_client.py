@@ -33,7 +33,7 @@ from client import (
     WaitTimeout,
 )
 from client.errors import Problem, api_error
-from client.http import is_retryable, parse_retry_after
+from client.answers import is_retryable, parse_retry_after
 from tests.farm_helpers import REPO_ROOT, FarmProcess, http, subprocess_env, wait_for
 from tests.fault_proxy import Fault, FaultProxy
 from tests.servers import free_port

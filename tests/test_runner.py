@@ -486,6 +486,13 @@ def test_progressive_outputs_store_previews(
     previews = [preview_key(job.id, frame) for frame in range(1, 8)]
     assert done.result["previews"] == previews
     assert all(storage.exists(key) for key in previews)
+    # Each preview was recorded as it was stored, so watchers got a preview event each, in
+    # order, before the job was done.
+    page = store.job_events(job.id, after="0", limit=1000)
+    kinds = [event.type for event in page.events]
+    logged = [event.data["key"] for event in page.events if event.type == "preview"]
+    assert logged == previews
+    assert kinds.index("done") > max(i for i, kind in enumerate(kinds) if kind == "preview")
 
 
 def test_the_worker_names_its_weights_and_refuses_files_that_no_longer_match_their_manifest(

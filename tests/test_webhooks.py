@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import threading
 
 import pytest
 
+from core import webhooks
 from core.webhooks import (
     AllowList,
     Resolver,
@@ -142,3 +144,29 @@ def test_backoff_doubles_with_jitter_and_a_cap() -> None:
         False,
         False,
     ]
+
+
+def test_a_lookup_that_takes_too_long_is_refused_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """getaddrinfo has no timeout of its own: a resolver that does not answer must not hold a
+    submit for longer than DNS_TIMEOUT_S (here a stand-in getaddrinfo that never answers)."""
+    answer = threading.Event()
+
+    def silent(*args: object, **kwargs: object) -> object:
+        answer.wait(10)
+        raise OSError("gave up")
+
+    monkeypatch.setattr(webhooks.socket, "getaddrinfo", silent)
+    try:
+        with pytest.raises(WebhookRefused, match=r"no answer from DNS within 0\.2 s"):
+            resolve_url(
+                "https://hooks.example.com/x",
+                resolver=lambda host, port: webhooks.system_resolver(host, port, timeout_s=0.2),
+            )
+    finally:
+        answer.set()
+
+
+def test_the_system_resolver_resolves() -> None:
+    assert "127.0.0.1" in webhooks.system_resolver("localhost", 80)

@@ -28,6 +28,7 @@ What errors do:
 
 from __future__ import annotations
 
+import copy
 import enum
 import json
 import logging
@@ -371,6 +372,11 @@ class _JobRun:
         self.put(key, png)
         previews: list[str] = self.result.setdefault("previews", [])
         previews.append(key)
+        # Shown at once: GET /v1/jobs/{id} lists it, and the job's event stream sends it.
+        try:
+            self.store.update(self.job_id, result=copy.deepcopy(self.result))
+        except StoreUnavailable as error:  # the next preview, or the result, carries it
+            log.warning("job %s: could not record preview %d: %s", self.job_id, frame, error)
 
     def store_results(self, rendered: RenderedImages, threads: int) -> None:
         """Upload the tiles and the grid side by side, on up to `threads` threads of this job's
