@@ -17,6 +17,7 @@ from flask import Flask
 from flask.json.provider import DefaultJSONProvider
 
 from api import docs, events, health, metrics, openapi, operations, routes, web
+from api.limits import RequestLimiter
 from api.problems import register_error_handlers
 from api.services import Services, ServicesBuilder, services_from_settings
 from core.queue import JobQueue
@@ -57,8 +58,10 @@ def create_app(
     # For whoever runs the app (the embedded `serve`, tests) to reach and close the backends.
     app.extensions["dalle_farm"] = services
     register_error_handlers(app)
-    app.register_blueprint(routes.create_blueprint(settings, services, anonymous_owner))
-    app.register_blueprint(events.create_blueprint(settings, services, anonymous_owner))
+    # One counter of requests per key for every /v1 route (api/limits.py).
+    limiter = RequestLimiter.from_settings(settings)
+    app.register_blueprint(routes.create_blueprint(settings, services, anonymous_owner, limiter))
+    app.register_blueprint(events.create_blueprint(settings, services, anonymous_owner, limiter))
     app.register_blueprint(health.create_blueprint(services))
     app.register_blueprint(metrics.create_blueprint(services))
     app.register_blueprint(openapi.create_blueprint())

@@ -12,7 +12,7 @@ from http import HTTPStatus
 from flask import Blueprint, g, request
 
 from api.problems import Problem
-from core.store import JobStore
+from core.store import ApiKey, JobStore
 
 _CHALLENGE = 'Bearer realm="dalle-farm"'
 
@@ -22,7 +22,9 @@ def require_owner(blueprint: Blueprint, store: JobStore, anonymous_owner: str | 
 
     @blueprint.before_request
     def authenticate() -> None:
-        g.owner = anonymous_owner if anonymous_owner is not None else _key_owner(store)
+        key = None if anonymous_owner is not None else _key(store)
+        g.key = key  # its own limits (api/limits.py)
+        g.owner = anonymous_owner if key is None else key.id
 
 
 def current_owner() -> str:
@@ -31,7 +33,7 @@ def current_owner() -> str:
     return owner
 
 
-def _key_owner(store: JobStore) -> str:
+def _key(store: JobStore) -> ApiKey:
     header = request.headers.get("Authorization")
     if header is None:
         raise _unauthorized(
@@ -53,7 +55,7 @@ def _key_owner(store: JobStore) -> str:
             "the API key is unknown or has been revoked; ask the farm's operator for a valid key",
             f'{_CHALLENGE}, error="invalid_token"',
         )
-    return key.id
+    return key
 
 
 def _unauthorized(detail: str, challenge: str) -> Problem:

@@ -34,6 +34,7 @@ from flask import Blueprint, Response, request
 
 from api import operations
 from api.auth import current_owner, require_owner
+from api.limits import RequestLimiter, enforce
 from api.openapi import add_route
 from api.problems import Problem
 from api.routes import owned_job
@@ -93,11 +94,15 @@ class StreamSlots:
 
 
 def create_blueprint(
-    settings: Settings, services: Services, anonymous_owner: str | None
+    settings: Settings,
+    services: Services,
+    anonymous_owner: str | None,
+    limiter: RequestLimiter,
 ) -> Blueprint:
     """The event stream routes under /v1, with the same auth as the other /v1 routes."""
     blueprint = Blueprint("v1_events", __name__, url_prefix="/v1")
     require_owner(blueprint, services.store, anonymous_owner)
+    enforce(blueprint, limiter, settings)
     views = EventViews(services, StreamSlots(settings.max_event_streams))
     add_route(blueprint, "/jobs/<job_id>/events", "GET", views.job_events, operations.JOB_EVENTS)
     add_route(blueprint, "/events", "GET", views.owner_events, operations.OWNER_EVENTS)

@@ -1,11 +1,13 @@
 """/metrics: the farm's state in Prometheus text, read from the store and queue at each scrape.
 
 Nothing is counted in the API process, so every API process (and every API replica) answers
-the same numbers. Labels never carry a job id or a key: only a job status.
+the same numbers. Labels never carry a job id or a key: only a job status, a lane or a model.
 
     dalle_farm_jobs{status}                 gauge      jobs in each status
     dalle_farm_queue_depth                  gauge      jobs waiting for a worker (a job canceled
                                                        or failed while queued never counts)
+    dalle_farm_queue_depth_by_lane{lane}    gauge      the same per priority lane (interactive,
+                                                       bulk; core/lanes.py)
     dalle_farm_job_duration_seconds         histogram  finished jobs' run time
     dalle_farm_images_generated_total       counter    images rendered
     dalle_farm_workers_alive                gauge      workers with a recent heartbeat
@@ -28,7 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from api.services import Services
-from core.job import MODELS, JobStatus
+from core.job import MODELS, PRIORITIES, JobStatus
 from core.queue import JobQueue
 from core.store import DURATION_BUCKETS_S, JobStore
 
@@ -54,6 +56,15 @@ class FarmCollector(Collector):
         yield GaugeMetricFamily(
             "dalle_farm_queue_depth", "Jobs waiting in the queue for a worker.", value=depth
         )
+        lanes = GaugeMetricFamily(
+            "dalle_farm_queue_depth_by_lane",
+            "Jobs waiting for a worker, per priority lane (promoted bulk jobs are interactive).",
+            labels=["lane"],
+        )
+        by_lane = self.queue.depth_by_lane()
+        for lane in PRIORITIES:  # the known lanes only
+            lanes.add_metric([lane], by_lane.get(lane, 0))
+        yield lanes
 
         bounds = [*(floatToGoString(bound) for bound in DURATION_BUCKETS_S), "+Inf"]
         counts = snapshot.duration_bucket_counts

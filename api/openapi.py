@@ -8,7 +8,8 @@ the farm's DALLE_FARM_MAX_GRID_SIZE, and with an anonymous owner (the embedded `
 loopback) there is no security scheme and no 401.
 
 The generator adds what every route shares: 401 (with WWW-Authenticate) to keyed routes when
-keys are on, Retry-After to every 503, Accept-Post to a 415.
+keys are on, 429 (the per-key request rate) to keyed routes, Retry-After to every 429 and
+503, Accept-Post to a 415.
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ def _operation(operation: Operation, anonymous: bool) -> dict[str, Any]:
     problems = dict(operation.problems)
     if operation.keyed and not anonymous:
         problems[HTTPStatus.UNAUTHORIZED] = "No API key, or an unknown or revoked one."
+    if operation.keyed:  # api/limits.py counts every request of a key
+        rate = "Past the API key's request rate (its own, or DALLE_FARM_KEY_RATE)."
+        more = problems.get(HTTPStatus.TOO_MANY_REQUESTS)
+        problems[HTTPStatus.TOO_MANY_REQUESTS] = f"{rate} {more}" if more else rate
     responses: dict[str, Any] = {}
     for status, answer in sorted(operation.answers.items()):
         responses[str(status)] = _answer(answer)
@@ -252,6 +257,11 @@ _PROBLEM_HEADERS = {
         "WWW-Authenticate": Header('Bearer realm="dalle-farm", and the error if any.')
     },
     HTTPStatus.UNSUPPORTED_MEDIA_TYPE: {"Accept-Post": Header("application/json")},
+    HTTPStatus.TOO_MANY_REQUESTS: {
+        "Retry-After": Header(
+            "Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}
+        )
+    },
     HTTPStatus.SERVICE_UNAVAILABLE: {
         "Retry-After": Header(
             "Seconds to wait before retrying.", {"type": "string", "pattern": "^[0-9]+$"}

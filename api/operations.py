@@ -64,6 +64,8 @@ SUBMIT_JOB = Operation(
         400: "The body is not JSON, or the Idempotency-Key is not "
         f"1 to {IDEMPOTENCY_KEY_MAX_CHARS} printable ASCII characters.",
         409: "The Idempotency-Key was used before with another body.",
+        429: "Or: the API key has its limit of jobs queued or running (its own, or "
+        "DALLE_FARM_KEY_MAX_JOBS).",
         413: f"The body is over {MAX_BODY_BYTES // 1024} KiB.",
         415: "The body is not sent as application/json.",
         422: "The parameters are not valid; `errors` names each field and what to change. "
@@ -179,8 +181,7 @@ LAST_EVENT_ID = Param(
 )
 _STREAM_PROBLEMS = {
     400: "Last-Event-ID is not an id this stream sends.",
-    429: "This API process has DALLE_FARM_MAX_EVENT_STREAMS streams open; retry after "
-    "Retry-After seconds.",
+    429: "Or: this API process has DALLE_FARM_MAX_EVENT_STREAMS streams open.",
     503: BACKEND_DOWN,
 }
 

@@ -41,6 +41,8 @@ PROBLEM_TYPES = {
     "idempotency-conflict": "The Idempotency-Key was used with another body",
     "job-finished": "The job has already finished",
     "too-many-streams": "Too many event streams are open",
+    "rate-limited": "Too many requests for this API key",
+    "too-many-jobs": "Too many jobs queued or running for this API key",
     "unauthorized": "An API key is required",
     "unavailable": "A backend the API needs is unavailable",
     "not-ready": "The API is not ready",

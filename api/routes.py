@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from api import operations
 from api.auth import current_owner, require_owner
 from api.job_json import job_json, job_page_json
+from api.limits import RequestLimiter, enforce, key_limits, too_many_jobs
 from api.openapi import add_route
 from api.problems import Problem, redact, unavailable
 from api.services import Services
@@ -54,7 +55,7 @@ from core.job import (
 )
 from core.settings import Settings
 from core.storage import LocalStorage, ObjectNotFound
-from core.store import IdempotencyConflict, JobNotFound, JobStore
+from core.store import IdempotencyConflict, JobNotFound, JobStore, TooManyJobs
 from core.webhooks import AllowList, WebhookRefused, resolve_url
 
 logger = logging.getLogger(__name__)
@@ -68,11 +69,15 @@ _PAGE_LIMIT: TypeAdapter[int] = TypeAdapter(PageLimit)
 
 
 def create_blueprint(
-    settings: Settings, services: Services, anonymous_owner: str | None
+    settings: Settings,
+    services: Services,
+    anonymous_owner: str | None,
+    limiter: RequestLimiter,
 ) -> Blueprint:
     """The /v1 routes, bound to `services`."""
     blueprint = Blueprint("v1", __name__, url_prefix="/v1")
     require_owner(blueprint, services.store, anonymous_owner)
+    enforce(blueprint, limiter, settings)
     views = JobViews(settings, services)
     add_route(blueprint, "/jobs", "POST", views.submit_job, operations.SUBMIT_JOB)
     add_route(blueprint, "/jobs", "GET", views.list_jobs, operations.LIST_JOBS)
@@ -115,7 +120,12 @@ class JobViews:
         # The fingerprint takes the seed as sent, so a replay of a "random seed" body matches.
         fingerprint = params_fingerprint(params) if idempotency_key is not None else None
         try:
-            job, created = self.store.create_job(record, idempotency_key, fingerprint)
+            limits = key_limits(self.settings)
+            job, created = self.store.create_job(
+                record, idempotency_key, fingerprint, max_active=limits.max_jobs
+            )
+        except TooManyJobs as error:
+            raise too_many_jobs(limits, error.active) from None
         except IdempotencyConflict:
             raise Problem(
                 HTTPStatus.CONFLICT,
@@ -166,7 +176,9 @@ class JobViews:
 
     def _enqueue(self, job: JobRecord) -> None:
         try:
-            self.queue.enqueue(job.id, model=job.params.get("model"))
+            self.queue.enqueue(
+                job.id, model=job.params.get("model"), priority=job.params.get("priority")
+            )
         except Exception as error:
             # A queued record that no message points to would wait forever: fail it instead.
             logger.exception("could not enqueue job %s", job.id)

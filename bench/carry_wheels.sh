@@ -32,6 +32,7 @@ EMBEDDED=(
     pydantic pydantic_core annotated-types typing-inspection typing_extensions
     boto3 botocore s3transfer jmespath
     emoji swagger-ui-bundle-v2 prometheus_client redis async-timeout
+    limits deprecated wrapt packaging
 )
 DISTRIBUTED=(
     celery kombu amqp billiard vine click-didyoumean click-repl click-plugins prompt_toolkit

@@ -83,6 +83,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="jobs in flight at once (default: %(default)s)",
     )
     parser.add_argument(
+        "--priority",
+        choices=("bulk", "interactive"),
+        default="bulk",
+        help="the jobs' lane on the farm: its workers take interactive jobs first, and bulk "
+        "ones when none waits (default: %(default)s)",
+    )
+    parser.add_argument(
         "--format",
         choices=("webdataset", "files"),
         default="webdataset",
@@ -148,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             max_attempts=args.max_attempts,
             shard_size=args.shard_size,
+            priority=args.priority,
         )
     except (InputError, ValueError) as error:
         raise CommandError(error) from None

@@ -1,6 +1,8 @@
 """`dalle-farm keys`: create, list and revoke API keys in the configured store.
 
     dalle-farm keys create alice      # the secret is the last line; it is shown only once
+    dalle-farm keys create bulk-bot --max-jobs 200 --rate 20/s   # with limits of its own
+    dalle-farm keys set alice --rate 5/s --max-jobs default      # change them later
     dalle-farm keys list
     dalle-farm keys revoke alice      # by name or id
     dalle-farm keys webhook-secret alice          # the key's webhook signing secret
@@ -12,6 +14,10 @@ delivery needs it). `local` names the embedded `dalle-farm serve`'s keyless loop
 
 The store is Redis when DALLE_FARM_REDIS_URL is set, else the embedded SQLite file in
 DALLE_FARM_DATA_DIR (the one `dalle-farm serve` uses). Only a hash of each secret is stored.
+
+Limits (core/limits.py): `--max-jobs N` jobs queued plus running (0: no limit), `--rate R/s`
+(or R/m, R/h; `none`: no limit); `default` (or leaving it out at create) follows the farm's
+DALLE_FARM_KEY_MAX_JOBS and DALLE_FARM_KEY_RATE.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING
 from cli.main import CommandError
 
 if TYPE_CHECKING:
-    from core.store import JobStore
+    from core.store import ApiKey, JobStore
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +42,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     actions.required = True
     create = actions.add_parser("create", help="create a key; its secret is the last line")
     create.add_argument("name", help="who or what the key is for")
-    actions.add_parser("list", help="list the keys (never their secrets)")
+    _limit_options(create)
+    change = actions.add_parser(
+        "set", help="set a key's own limits (by id, or every key of a name)"
+    )
+    change.add_argument("id_or_name", metavar="ID_OR_NAME")
+    _limit_options(change)
+    actions.add_parser("list", help="list the keys (never their secrets) and their limits")
     revoke = actions.add_parser("revoke", help="revoke a key by id or name")
     revoke.add_argument("id_or_name", metavar="ID_OR_NAME")
     show = actions.add_parser(
@@ -63,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
             try:
-                key, secret = store.create_key(args.name)
+                key, secret = store.create_key(args.name, _limits(args))
             except ValueError as error:
                 raise CommandError(error) from error
             webhook_secret = store.webhook_secret(key.id)
@@ -81,7 +93,19 @@ def run(args: argparse.Namespace) -> int:
                 print("no keys; create one with `dalle-farm keys create NAME`")
             for key in keys:
                 state = "revoked" if key.revoked else "active"
-                print(f"{key.id}  {key.name}  {key.created_at}  {state}")
+                print(f"{key.id}  {key.name}  {key.created_at}  {state}  {_describe(key)}")
+        elif args.action == "set":
+            limits = _limits(args)
+            if not limits:
+                raise CommandError("say what to set: --max-jobs N, --rate R/s, or both")
+            try:
+                changed = store.set_key_limits(args.id_or_name, limits)
+            except ValueError as error:
+                raise CommandError(error) from error
+            if not changed:
+                raise CommandError(f"no key with id or name {args.id_or_name!r}")
+            for key in changed:
+                print(f"{key.id}  {key.name}  {_describe(key)}")
         elif args.action in ("webhook-secret", "rotate-webhook-secret"):
             owner = _owner(store, args.id_or_name)
             if args.action == "webhook-secret":
@@ -97,6 +121,47 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+DEFAULT = "default"
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-jobs",
+        metavar="N",
+        help="jobs queued plus running at once (0: no limit; default: the farm's)",
+    )
+    parser.add_argument(
+        "--rate",
+        metavar="R/s",
+        help="requests per second (R/s), minute (R/m) or hour (R/h); none: no limit; "
+        "default: the farm's",
+    )
+
+
+def _limits(args: argparse.Namespace) -> dict[str, int | str | None]:
+    """The limits the options give: a value, or None for `default`."""
+    limits: dict[str, int | str | None] = {}
+    if args.max_jobs is not None:
+        if args.max_jobs == DEFAULT:
+            limits["max_jobs"] = None
+        elif args.max_jobs.isdigit():
+            limits["max_jobs"] = int(args.max_jobs)
+        else:
+            raise CommandError(
+                f"--max-jobs takes a whole number (0: no limit) or {DEFAULT!r}, "
+                f"got {args.max_jobs!r}"
+            )
+    if args.rate is not None:
+        limits["rate"] = None if args.rate == DEFAULT else args.rate
+    return limits
+
+
+def _describe(key: ApiKey) -> str:
+    jobs = "farm's" if key.max_jobs is None else (str(key.max_jobs) if key.max_jobs else "none")
+    rate = "farm's" if key.rate is None else key.rate
+    return f"max-jobs={jobs}  rate={rate}"
 
 
 def _owner(store: JobStore, id_or_name: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -78,3 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C is the normal way to stop a long generation; a traceback would be noise.
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader left (`dalle-farm keys list | head -1`): nothing more to say, to anyone.
+        # Point stdout at nothing, so that flushing it at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR

@@ -58,8 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--queues",
         default=None,
-        help="comma-separated queues to take jobs from (default: the queue of "
-        "DALLE_FARM_MODEL, e.g. dalle-farm.mini)",
+        help="comma-separated queues to take jobs from, read in this order (default: the "
+        "interactive then the bulk queue of DALLE_FARM_MODEL, e.g. "
+        "dalle-farm.mini,dalle-farm.mini.bulk)",
     )
     parser.add_argument(
         "--concurrency",
@@ -274,7 +275,10 @@ def run(args: argparse.Namespace) -> int:
     if concurrency < 1:
         raise CommandError(f"--concurrency must be at least 1, got {concurrency}")
     devices = parse_gpus(args.gpus, count_cuda_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    queues = args.queues or settings.queue_name()
+    from core.queue_celery import lane_queues
+
+    # Interactive first: the worker reads them in this order (core/lanes.py).
+    queues = args.queues or ",".join(lane_queues(settings))
     with tempfile.TemporaryDirectory(prefix="dalle-farm-worker-") as ready_dir:
         children = [
             child_for(

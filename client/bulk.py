@@ -11,6 +11,10 @@ the next attempt's key, until `max_attempts` attempts failed, counting earlier r
 that are not the job's (the server unreachable after the client's retries, say) are reported
 and left for the next run, which re-attaches.
 
+Jobs are submitted with `priority: "bulk"` (BulkOptions.priority): the farm's workers take
+interactive jobs first (README: Priority lanes). It is not part of the plan nor of the jobs'
+fingerprints, so a run may change it and still resume.
+
 Setting `stop` (Ctrl-C, in the CLI) stops the run between steps: the jobs already submitted
 keep running on the farm, images already downloaded stay staged, and the next run takes both
 up. The dataset's last, partial shard is written only when a run ends without being stopped.
@@ -30,22 +34,31 @@ from client.dataset import FORMATS, DatasetWriter, OutputDir, utc_now
 from client.errors import FarmError
 from client.http import FarmClient, Job
 from client.rows import PlannedJob
+from core.contract import PRIORITIES
+
+BULK = "bulk"
 
 
 @dataclass(frozen=True)
 class BulkOptions:
     """Where and how a run writes: `shard_size` is in images (webdataset); `max_attempts`
-    counts a job's failed attempts on the server over all runs."""
+    counts a job's failed attempts on the server over all runs; `priority` is the jobs' lane
+    on the farm ("bulk", or "interactive")."""
 
     out_dir: Path
     format: str = "webdataset"
     concurrency: int = 4
     max_attempts: int = 3
     shard_size: int = 1000
+    priority: str = BULK
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(
+                f"priority must be one of {', '.join(PRIORITIES)}, got {self.priority!r}"
+            )
         if self.concurrency < 1 or self.max_attempts < 1 or self.shard_size < 1:
             raise ValueError("concurrency, max_attempts and shard_size must be at least 1")
 
@@ -121,7 +134,9 @@ def run_bulk(
             else:
                 todo.append((job, len(failed)))
         bar = progress(len(jobs), len(done)) if progress is not None else None
-        renderer = _Renderer(client, output, dataset, options.max_attempts, stop)
+        renderer = _Renderer(
+            client, output, dataset, options.max_attempts, stop, priority=options.priority
+        )
         pool = ThreadPoolExecutor(max_workers=options.concurrency, thread_name_prefix="bulk")
         try:
             pending: set[Future[dict[str, Any] | Failure | None]] = {
@@ -170,19 +185,23 @@ class _Renderer:
         dataset: str,
         max_attempts: int,
         stop: threading.Event,
+        *,
+        priority: str = BULK,
     ) -> None:
         self.client = client
         self.output = output
         self.dataset = dataset
         self.max_attempts = max_attempts
         self.stop = stop
+        self.priority = priority
 
     def render(self, job: PlannedJob, attempt: int) -> dict[str, Any] | Failure | None:
         """The job's staged record, why it is not done, or None if the run was stopped."""
         while True:
             key = idempotency_key(self.dataset, job, attempt)
             try:
-                submitted = self.client.submit(idempotency_key=key, **job.params)
+                body = {**job.params, "priority": self.priority}
+                submitted = self.client.submit(idempotency_key=key, **body)
                 finished = self.client.wait(submitted.id, raise_on_failure=False, stop=self.stop)
                 if not finished.is_finished:
                     raise _Stopped

@@ -41,6 +41,7 @@ class Job:
     previews: tuple[FileRef, ...] = ()
     warnings: tuple[str, ...] = ()
     cancel_requested: bool = False
+    queue_position: int | None = None  # while queued: its place in its lane (1: next)
     contract: ContractJob | None = field(default=None, repr=False, compare=False)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -78,6 +79,7 @@ class Job:
             previews=tuple(result.previews) if result is not None else (),
             warnings=tuple(job.warnings),
             cancel_requested=job.cancel_requested,
+            queue_position=job.queue_position,
             contract=job,
             raw=dict(raw) if raw is not None else job.model_dump(mode="json"),
         )

@@ -129,6 +129,7 @@ def plan_jobs(
                 errors.append(f"line {row.line}: {error}")
                 break
             del params["progressive_outputs"]
+            del params["priority"]  # the run's, not the plan's (client.bulk.BulkOptions)
             key = f"{row.index:06d}_{sample:03d}"
             jobs.append(PlannedJob(key, row.index, row.line, sample, params))
     if errors:

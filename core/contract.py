@@ -89,6 +89,11 @@ PAGE_LIMIT_MAX = 100
 # cannot say (a name that resolves to a private address) is checked on submit (core/webhooks.py).
 WEBHOOK_URL_MAX_CHARS = 2048
 WEBHOOK_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[A-Za-z0-9._~\[\]:-]+([/?][!-\x22$-~]*)?$"
+# A job's lane (README: Priority lanes): workers take interactive jobs first; bulk jobs when no
+# interactive job waits, or once the oldest of them has waited DALLE_FARM_BULK_MAX_WAIT_S.
+Priority = Literal["interactive", "bulk"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "bulk")
+DEFAULT_PRIORITY: Priority = "interactive"
 
 
 class JobStatus(str, Enum):
@@ -233,6 +238,16 @@ class JobParams(BaseModel):
         examples=["https://example.com/hooks/dalle-farm"],
     )
 
+    priority: Priority = Field(
+        default=DEFAULT_PRIORITY,
+        description="The job's lane: interactive (a person waits) or bulk (dalle-farm bulk "
+        "and other batch runs). Workers take interactive jobs first; a bulk job is taken when "
+        "none waits, or once the oldest bulk job has waited DALLE_FARM_BULK_MAX_WAIT_S (README: "
+        "Priority lanes). How a job is scheduled, not what it renders: an Idempotency-Key "
+        "replayed with another priority returns the first job as it is.",
+        examples=["bulk"],
+    )
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
@@ -305,6 +320,15 @@ class Job(BaseModel):
     error: str | None = Field(description="Why it failed, or null.")
     attempts: int = Field(ge=0, description="How many times a worker started it.")
     cancel_requested: bool
+    queue_position: int | None = Field(
+        default=None,
+        ge=1,
+        description="While queued: the job's place in its lane among the queued jobs of its "
+        "model, 1 next. The lane is params.priority, or interactive once a bulk job that "
+        "waited too long was promoted (README: Priority lanes). Null once it has started, or "
+        "when unknown.",
+        examples=[3],
+    )
     result: JobResult | None = Field(description="The files, once the job has succeeded.")
     warnings: list[str] = Field(
         default_factory=list,

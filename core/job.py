@@ -38,6 +38,7 @@ from core.contract import (
     MAX_TEXT_CHARS,
     MODELS,
     PARAM_FIELDS,
+    PRIORITIES,
     PROGRESS_TOTAL,
     SEED_MAX,
     SEED_MIN_FIXED,
@@ -66,6 +67,7 @@ __all__ = [
     "MAX_TEXT_CHARS",
     "MODELS",
     "PARAM_FIELDS",
+    "PRIORITIES",
     "PROGRESS_TOTAL",
     "SEED_MAX",
     "SEED_MIN_FIXED",
@@ -185,6 +187,8 @@ def _expected(name: str, field: FieldInfo) -> str:
         return "true or false"
     if name == "model":
         return " or ".join(f'"{model}"' for model in MODELS)
+    if name == "priority":
+        return " or ".join(f'"{priority}"' for priority in PRIORITIES)
     low, high = (_number(_bound(field, bound)) for bound in ("ge", "le"))
     kind = "a number" if field.annotation is float else "an integer"
     return f"{kind} from {low} to {high}{_HINTS.get(name, '')}"
@@ -242,7 +246,8 @@ def resolve_seed(params: JobParams, rng: random.Random | None = None) -> JobPara
 
 
 def params_fingerprint(params_body: JobParams | Mapping[str, object]) -> str:
-    """sha256 (hex) of the canonical JSON of the validated params, defaults filled, seed as given.
+    """sha256 (hex) of the canonical JSON of the validated params, defaults filled, seed as given,
+    priority left out.
 
     Same Idempotency-Key + same fingerprint → same job; a different fingerprint → conflict. A
     body is validated with parse_params' default limits (InvalidParams if it fails); pass the
@@ -250,6 +255,9 @@ def params_fingerprint(params_body: JobParams | Mapping[str, object]) -> str:
     """
     params = params_body if isinstance(params_body, JobParams) else parse_params(params_body)
     fields = params.to_dict()
+    # The lane says how the job is scheduled, not what it renders: a replay with another
+    # priority is the same job (and keys used before lanes existed keep their fingerprints).
+    del fields["priority"]
     for name in ("temperature", "supercondition_factor"):
         fields[name] = float(fields[name])
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -419,11 +427,15 @@ class JobRecord:
     # Storage keys, set when the objects exist: {"grid": key, "images": [key, ...],
     # "previews": [key, ...]} (previews only with progressive_outputs).
     result: dict[str, Any] | None = None
+    # Not stored: while the job is queued, its 1-based place in its lane, as the store that
+    # read the record computed it (None: not queued, or unknown). to_dict leaves it out.
+    queue_position: int | None = dataclasses.field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types only."""
+        """Plain JSON types only; the stored fields (queue_position is not one)."""
         fields = dataclasses.asdict(self)
         fields["status"] = self.status.value
+        del fields["queue_position"]
         return fields
 
     @classmethod
@@ -433,7 +445,7 @@ class JobRecord:
         missing = [name for name in required if name not in fields]
         if missing:
             raise ValueError(f"job record is missing {', '.join(missing)}")
-        known = {field.name for field in dataclasses.fields(cls)}
+        known = {field.name for field in dataclasses.fields(cls)} - {"queue_position"}
         values = {name: value for name, value in fields.items() if name in known}
         values["status"] = JobStatus(values["status"])
         values["params"] = dict(values["params"])

@@ -3,6 +3,7 @@ stays private. The API answers it, and webhook deliveries (worker/webhooks.py) P
 
 {"id", "status", "progress": {"step", "total"}, "params" (with the seed used), "created_at",
  "started_at", "finished_at", "worker", "error", "attempts", "cancel_requested",
+ "queue_position": while queued, the job's place in its lane (1: next), else null,
  "result": null | {"grid": {"url", "key"}, "images": [{"url", "key"}, ...],
                    "previews": [{"url", "key"}, ...] (only with progressive_outputs)},
  "warnings": [...] (only in a POST answer that has one)}
@@ -17,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.contract import Job
-from core.job import JobRecord
+from core.job import JobRecord, JobStatus
 from core.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def job_json(record: JobRecord, storage: Storage, warnings: Iterable[str] = ()) 
         "error": record.error,
         "attempts": record.attempts,
         "cancel_requested": record.cancel_requested,
+        # The store computes it when it reads a queued record (JobRecord.queue_position).
+        "queue_position": record.queue_position if record.status is JobStatus.QUEUED else None,
         "result": _result(record.result, storage),
         "warnings": list(warnings),
     }

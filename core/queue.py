@@ -12,13 +12,19 @@ from typing import Protocol
 
 
 class JobQueue(Protocol):
-    def enqueue(self, job_id: str, model: str | None = None) -> None:
-        """Queue the job for a worker that serves `model` (None: look it up or use the default)."""
+    def enqueue(self, job_id: str, model: str | None = None, priority: str | None = None) -> None:
+        """Queue the job for a worker that serves `model`, in the lane `priority` (None: look
+        them up in the job's record, or use the defaults; core/lanes.py)."""
         ...
 
     def depth(self) -> int:
         """Jobs waiting to be taken by a worker (for /metrics); a job canceled or failed while
         queued never counts, even while its message is still in the queue."""
+        ...
+
+    def depth_by_lane(self) -> dict[str, int]:
+        """depth() per priority lane (core/lanes.py): {"interactive": n, "bulk": m}, promoted
+        bulk jobs counted as interactive (jobs queued before lanes existed may be left out)."""
         ...
 
     def check(self) -> None:

@@ -56,7 +56,9 @@ def build_embedded_queue(settings: Settings) -> SqliteJobQueue:
     from core.queue_sqlite import SqliteJobQueue
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return SqliteJobQueue(settings.data_dir / EMBEDDED_DATABASE)
+    return SqliteJobQueue(
+        settings.data_dir / EMBEDDED_DATABASE, bulk_max_wait_s=settings.bulk_max_wait_s
+    )
 
 
 def build_storage(settings: Settings, *, ensure_bucket: bool = False) -> Storage:

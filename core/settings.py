@@ -1,6 +1,8 @@
 """Farm settings, read once from the environment and passed down (API, workers, CLI).
 
-DALLE_FARM_REDIS_URL          Redis for the queue and job records; unset: embedded mode
+DALLE_FARM_REDIS_URL          Redis for the queue and job records (redis://, or
+                              redis+sentinel://host:26379,.../master-name to follow Sentinel's
+                              failovers); unset: embedded mode
 DALLE_FARM_S3_ENDPOINT_URL    S3-compatible endpoint (MinIO, R2, ...); unset: AWS
 DALLE_FARM_S3_PUBLIC_URL      the S3 endpoint as clients reach it, for presigned URLs
                               (default: DALLE_FARM_S3_ENDPOINT_URL)
@@ -35,6 +37,8 @@ DALLE_FARM_VISIBILITY_TIMEOUT_S  seconds before Redis hands an unacknowledged jo
                               worker after its worker vanished (default 60)
 DALLE_FARM_UNSERVED_JOB_TIMEOUT_S  seconds a queued job waits while no live worker serves its
                               model; then it fails, saying so (default 300)
+DALLE_FARM_BULK_MAX_WAIT_S    seconds the oldest queued bulk job waits behind interactive ones
+                              before it is taken as interactive, one at a time (default 300)
 DALLE_FARM_REQUEST_TIMEOUT_S  seconds a client has to send a whole request (line, headers,
                               body) before the API answers 408 and closes (default 30)
 DALLE_FARM_IDLE_TIMEOUT_S     seconds an idle keep-alive connection stays open (default 60)
@@ -43,6 +47,10 @@ DALLE_FARM_MAX_CONNECTIONS    open connections per API process; more wait to be 
 DALLE_FARM_MAX_HEADER_BYTES   the request line and headers together, at most (default 16384)
 DALLE_FARM_MAX_EVENT_STREAMS  live event streams open at once per API process, on threads of
                               their own; more answer 429 (default 256)
+DALLE_FARM_KEY_MAX_JOBS       jobs queued plus running per API key; more answer 429 (default
+                              1000; 0: no limit). A key's own (`keys set`) replaces it
+DALLE_FARM_KEY_RATE           requests per API key, R/s, R/m or R/h (default none: no limit);
+                              more answer 429. A key's own (`keys set`) replaces it
 DALLE_FARM_WEBHOOK_ALLOW      hosts and networks (CIDR) that webhooks may call although they
                               are not public, comma-separated (default: none)
 DALLE_FARM_WEBHOOK_TIMEOUT_S  seconds a webhook delivery may take, connect to answer (default 10)
@@ -58,6 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.job import MODELS
+from core.limits import MAX_AMOUNT, parse_rate
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 VQGAN_MODES = ("float32", "fast", "bfloat16")
@@ -100,11 +109,14 @@ class Settings:
     vqgan_mode: str = "float32"
     vqgan_batch_images: int = 0
     unserved_job_timeout_s: int = 300
+    bulk_max_wait_s: int = 300
     request_timeout_s: int = 30
     idle_timeout_s: int = 60
     max_connections: int = 1000
     max_header_bytes: int = 16384
     max_event_streams: int = 256
+    key_max_jobs: int | None = 1000
+    key_rate: str | None = None
     webhook_allow: str | None = None
     webhook_timeout_s: int = 10
     webhook_max_attempts: int = 10
@@ -151,7 +163,7 @@ class Settings:
             return value
 
         return cls(
-            redis_url=get("REDIS_URL"),
+            redis_url=_redis_url(get("REDIS_URL")),
             s3_endpoint_url=get("S3_ENDPOINT_URL"),
             s3_bucket=get("S3_BUCKET"),
             s3_public_url=get("S3_PUBLIC_URL"),
@@ -172,16 +184,40 @@ class Settings:
             vqgan_mode=choice("VQGAN_MODE", "float32", VQGAN_MODES),
             vqgan_batch_images=integer("VQGAN_BATCH_IMAGES", 0, 0, 1024),
             unserved_job_timeout_s=integer("UNSERVED_JOB_TIMEOUT_S", 300, 1, 7 * 86400),
+            bulk_max_wait_s=integer("BULK_MAX_WAIT_S", 300, 1, 7 * 86400),
             request_timeout_s=integer("REQUEST_TIMEOUT_S", 30, 1, 3600),
             idle_timeout_s=integer("IDLE_TIMEOUT_S", 60, 1, 86400),
             max_connections=integer("MAX_CONNECTIONS", 1000, 1, 100000),
             max_header_bytes=integer("MAX_HEADER_BYTES", 16384, 1024, 1048576),
             max_event_streams=integer("MAX_EVENT_STREAMS", 256, 1, 10000),
+            key_max_jobs=integer("KEY_MAX_JOBS", 1000, 0, MAX_AMOUNT) or None,
+            key_rate=_key_rate(get("KEY_RATE")),
             webhook_allow=_webhook_allow(get("WEBHOOK_ALLOW")),
             webhook_timeout_s=integer("WEBHOOK_TIMEOUT_S", 10, 1, 300),
             webhook_max_attempts=integer("WEBHOOK_MAX_ATTEMPTS", 10, 1, 100),
             webhook_backoff_s=integer("WEBHOOK_BACKOFF_S", 5, 1, 3600),
         )
+
+
+def _redis_url(value: str | None) -> str | None:
+    """DALLE_FARM_REDIS_URL, checked when it names sentinels (core/redis_url.py)."""
+    from core.redis_url import is_sentinel_url, parse_sentinel_url
+
+    if value is not None and is_sentinel_url(value):
+        try:
+            parse_sentinel_url(value)
+        except ValueError as error:
+            raise SettingsError(f"DALLE_FARM_REDIS_URL: {error}") from None
+    return value
+
+
+def _key_rate(value: str | None) -> str | None:
+    """DALLE_FARM_KEY_RATE, checked and written as core.limits reads it (None: no limit)."""
+    try:
+        rate = parse_rate(value)
+    except ValueError as error:
+        raise SettingsError(f"DALLE_FARM_KEY_RATE: {error}") from None
+    return None if rate is None else str(rate)
 
 
 def _webhook_allow(value: str | None) -> str | None:

@@ -69,12 +69,25 @@ class IdempotencyConflict(StoreError):
     """The Idempotency-Key was used before with a different request body."""
 
 
+class TooManyJobs(StoreError):
+    """The owner already has `active` jobs queued or running, its limit (`limit`) or more."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(f"{active} jobs queued or running; the limit is {limit}")
+        self.active = active
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class ApiKey:
     id: str  # public, short; jobs record it as their owner
     name: str
     created_at: str
     revoked: bool = False
+    # Its own limits (core/limits.py), None for the farm's: jobs queued plus running (0: no
+    # limit), and requests per time ("10/s"; "none": no limit).
+    max_jobs: int | None = None
+    rate: str | None = None
 
 
 @dataclass
@@ -90,8 +103,11 @@ class MetricsSnapshot:
 
 class JobStore(Protocol):
     # -- API keys: only a hash of each secret is stored; the secret is shown once ----------
-    def create_key(self, name: str) -> tuple[ApiKey, str]:
-        """A new key named `name` and its secret (e.g. "dfk_<id>_<random>")."""
+    def create_key(
+        self, name: str, limits: Mapping[str, int | str | None] | None = None
+    ) -> tuple[ApiKey, str]:
+        """A new key named `name`, with its own `limits` (as set_key_limits takes them) if
+        given, and its secret (e.g. "dfk_<id>_<random>")."""
         ...
 
     def list_keys(self) -> list[ApiKey]: ...
@@ -104,15 +120,29 @@ class JobStore(Protocol):
         """The key whose secret this is, unless unknown or revoked (constant-time compare)."""
         ...
 
+    def set_key_limits(
+        self, id_or_name: str, limits: Mapping[str, int | str | None]
+    ) -> list[ApiKey]:
+        """Set the key's own limits given in `limits` ("max_jobs", "rate"; None: back to the
+        farm's), for the key with this id or every key with this name; the keys changed
+        (none: no such key). ValueError for a limit core.limits.check_key_limits refuses."""
+        ...
+
     # -- jobs ----------------------------------------------------------------------------
     def create_job(
-        self, record: JobRecord, idempotency_key: str | None = None, fingerprint: str | None = None
+        self,
+        record: JobRecord,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+        max_active: int | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new queued job; returns (record, created).
 
         With an idempotency key (scoped to record.owner), a second call with the same key and
         fingerprint returns the first job and created=False; another fingerprint raises
-        IdempotencyConflict. Atomic under concurrent calls.
+        IdempotencyConflict. With `max_active`, TooManyJobs if the owner already has that many
+        jobs queued or running (a replay is answered all the same). Atomic under concurrent
+        calls.
         """
         ...
 
@@ -251,8 +281,12 @@ KEY_SECRET_PREFIX = "dfk_"
 # "dfk_" + 12 hex digits of key id + "_" + secrets.token_urlsafe(24) (32 characters).
 _KEY_SECRET = re.compile(r"dfk_([0-9a-f]{12})_[A-Za-z0-9_-]{32}")
 _UNSETTABLE_FIELDS = frozenset({"id", "owner", "status"})
+# Computed when a record is read, never stored.
+_COMPUTED_FIELDS = frozenset({"queue_position"})
 _SETTABLE_FIELDS = frozenset(
-    field.name for field in dataclasses.fields(JobRecord) if field.name not in _UNSETTABLE_FIELDS
+    field.name
+    for field in dataclasses.fields(JobRecord)
+    if field.name not in _UNSETTABLE_FIELDS | _COMPUTED_FIELDS
 )
 
 

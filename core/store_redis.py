@@ -10,15 +10,22 @@ RedisJobStore is built of parts, one concept each:
     core/store_redis_keys.py     API keys
     core/store_redis_workers.py  heartbeats and the models workers serve
     core/store_redis_webhooks.py webhook secrets and the outbox of webhook deliveries
+    core/store_redis_lanes.py    queue positions in the lanes, promoting bulk jobs
     this module                  jobs, leases and the /metrics counters
 
 Keys of this module, under a prefix (default "dalle-farm"):
     {p}:job:{id}                         hash: the JobRecord; id, owner and status as plain
                                          strings, every other field as ASCII JSON; and
-                                         _model, the job's model (for the index below)
+                                         _model, the job's model, and _lane, its lane
+                                         (core/lanes.py), for the indexes below
     {p}:jobs-by-owner:{owner}            sorted set of the owner's job ids, all with score 0
     {p}:jobs-by-status:{status}:{owner}  the same, one per status
     {p}:queued-by-model:{model}          the same, of the queued jobs of each model
+    {p}:queued-by-lane:{model}:{lane}    sorted set of the queued jobs of a model and lane,
+                                         scored by when each entered it (ms, Redis' clock):
+                                         ZRANK is a job's queue_position
+    {p}:promoted:{model}                 sorted set: the promoted bulk job still queued
+                                         (core/lanes.py), scored by when it was promoted
     {p}:status-counts                    hash status → number of jobs
     {p}:idempotency:{owner}:{key sha256} hash: job_id, fingerprint
     {p}:lease:{job id}                   the worker holding the lease; expires by itself (PX)
@@ -29,11 +36,13 @@ ZREVRANGEBYLEX gives a page newest first from the cursor in O(log N + page). A s
 reads that status's own index, kept in step by the scripts that change a job's status, so it
 costs the same as no filter (never a scan over the owner's other jobs). The status counts for
 /metrics are a hash that the same scripts update: O(1). Failing a model's old queued jobs
-reads only that model's queued index, oldest first.
+reads only that model's queued index, oldest first. A queued job's position is one ZRANK in
+its lane's index, read only for queued jobs.
 
 Scripts build some key names from the prefix, so this needs one Redis (or a primary with
 replicas), not Redis Cluster. Jobs queued by a version without the per-model index are not in
-it: they are never failed as unserved (they still run when a worker takes them).
+it: they are never failed as unserved (they still run when a worker takes them). Jobs queued
+before lanes existed are in no lane index: their queue_position is null.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from core.job import JobRecord, JobStatus, utc_now
+from core.lanes import lane_of
 from core.store import (
     DEFAULT_MODEL,
     DURATION_BUCKETS_S,
@@ -52,6 +62,7 @@ from core.store import (
     JobNotFound,
     MetricsSnapshot,
     StoreError,
+    TooManyJobs,
     check_cursor,
     check_job_fields,
     check_limit,
@@ -66,9 +77,11 @@ from core.store import (
 from core.store_redis_base import RedisBackend, redact_url, text
 from core.store_redis_events import RedisEventLog
 from core.store_redis_keys import RedisKeyStore
+from core.store_redis_lanes import RedisLanes, lane_key
 from core.store_redis_lua import (
     CREATE_JOB,
     FAIL_QUEUED,
+    LANE_FIELD,
     MODEL_FIELD,
     RELEASE_LEASE,
     RENEW_LEASE,
@@ -87,7 +100,9 @@ log = logging.getLogger(__name__)
 _PLAIN_FIELDS = ("id", "owner", "status")
 
 
-class RedisJobStore(RedisKeyStore, RedisWorkerRegistry, RedisWebhookStore, RedisEventLog):
+class RedisJobStore(
+    RedisKeyStore, RedisWorkerRegistry, RedisWebhookStore, RedisEventLog, RedisLanes
+):
     """The JobStore (core/store.py) on Redis.
 
     `url_or_client`: a redis:// URL (the store opens and closes its own connections) or a
@@ -97,9 +112,13 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry, RedisWebhookStore, Redis
 
     # -- jobs --------------------------------------------------------------------------------
     def create_job(
-        self, record: JobRecord, idempotency_key: str | None = None, fingerprint: str | None = None
+        self,
+        record: JobRecord,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+        max_active: int | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Store a new job; with an Idempotency-Key, see JobStore.create_job."""
+        """Store a new job; with an Idempotency-Key or max_active, see JobStore.create_job."""
         job_key = self._key("job", record.id)
         idempotency = (
             self._key("idempotency", record.owner, hash_idempotency_key(idempotency_key))
@@ -107,6 +126,7 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry, RedisWebhookStore, Redis
             else job_key
         )
         model = _model_of(record)
+        lane = lane_of(record.params)
         keys = [
             job_key,
             self._key("jobs-by-owner", record.owner),
@@ -114,15 +134,21 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry, RedisWebhookStore, Redis
             self._key("status-counts"),
             idempotency,
             self._key("queued-by-model", model),
+            self._key("queued-by-lane", model, lane),
+            self._key("jobs-by-status", JobStatus.QUEUED.value, record.owner),
+            self._key("jobs-by-status", JobStatus.RUNNING.value, record.owner),
         ]
         args = [
             record.id,
             record.status.value,
             "1" if idempotency_key is not None else "0",
             fingerprint or "",
+            str(max_active or 0),
             *_flatten(_encode(record.to_dict())),
             MODEL_FIELD,
             model,
+            LANE_FIELD,
+            lane,
         ]
         with self._errors():
             reply = self._script(CREATE_JOB)(keys=keys, args=args)
@@ -131,18 +157,31 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry, RedisWebhookStore, Redis
             raise IdempotencyConflict(IDEMPOTENCY_CONFLICT)
         if outcome == "exists":
             raise ValueError(f"a job with id {record.id} already exists")
+        if outcome == "too-many":
+            assert max_active is not None
+            raise TooManyJobs(int(text(reply[1])), max_active)
         if outcome == "existing":
             existing = self.get_job(text(reply[1]))
             if existing is None:
                 raise JobNotFound(f"the job of this Idempotency-Key, {text(reply[1])}, is gone")
             return existing, False
         self._register_webhook(record)
-        return JobRecord.from_json(record.to_json()), True
+        created = JobRecord.from_json(record.to_json())
+        if created.status is JobStatus.QUEUED:
+            with self._errors():
+                created.queue_position = self._positions([(model, lane, created.id)])[0]
+        return created, True
 
     def get_job(self, job_id: str) -> JobRecord | None:
+        """The job, with its queue_position while it is queued."""
         with self._errors():
             fields = self._client.hgetall(self._key("job", job_id))
-        return _decode(fields) if fields else None
+            if not fields:
+                return None
+            record = _decode(fields)
+            if record.status is JobStatus.QUEUED:
+                record.queue_position = self._positions([lane_key(fields, job_id)])[0]
+        return record
 
     def list_jobs(
         self,
@@ -166,7 +205,13 @@ class RedisJobStore(RedisKeyStore, RedisWorkerRegistry, RedisWebhookStore, Redis
                 for job_id in job_ids[:limit]:
                     pipe.hgetall(self._key("job", text(job_id)))
                 rows = pipe.execute()
-        records = [_decode(fields) for fields in rows if fields]
+            rows = [fields for fields in rows if fields]
+            records = [_decode(fields) for fields in rows]
+            queued = [i for i, record in enumerate(records) if record.status is JobStatus.QUEUED]
+            if queued:
+                lanes = [lane_key(rows[i], records[i].id) for i in queued]
+                for i, position in zip(queued, self._positions(lanes), strict=True):
+                    records[i].queue_position = position
         return records, text(job_ids[limit - 1]) if len(job_ids) > limit else None
 
     def transition(self, job_id: str, to: JobStatus, **fields: Any) -> JobRecord | None:
@@ -332,7 +377,7 @@ def _decode(fields: Mapping[Any, Any]) -> JobRecord:
         {
             name: value if name in _PLAIN_FIELDS else json.loads(value)
             for name, value in values.items()
-            if name != MODEL_FIELD
+            if name not in (MODEL_FIELD, LANE_FIELD)
         }
     )
 

@@ -13,6 +13,7 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from core.redis_url import redis_client
 from core.store import StoreUnavailable
 
 CONNECT_TIMEOUT_S = 5.0
@@ -25,14 +26,16 @@ _OUTAGE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "MISCONF", "OOM", "NOREP
 class RedisBackend:
     """A connection to the farm's Redis and the key names under `prefix`.
 
-    `url_or_client`: a redis:// URL (the backend opens and closes its own connections) or a
-    redis.Redis the caller owns (and closes).
+    `url_or_client`: a redis:// or redis+sentinel:// URL (the backend opens and closes its own
+    connections) or a redis.Redis the caller owns (and closes).
     """
 
     def __init__(self, url_or_client: str | redis.Redis, prefix: str = "dalle-farm") -> None:
         if isinstance(url_or_client, str):
             self.url = redact_url(url_or_client)
-            self._client: redis.Redis = redis.Redis.from_url(
+            # A redis+sentinel:// URL: the master the sentinels name, found again after a
+            # failover (core/redis_url.py).
+            self._client: redis.Redis = redis_client(
                 url_or_client,
                 decode_responses=True,
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
@@ -92,14 +95,11 @@ class RedisBackend:
 def redact_url(url: str) -> str:
     """The URL without its password, fit for error messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
 
 
 def _client_url(client: redis.Redis) -> str:

@@ -15,6 +15,19 @@ from core.store_redis_events import LOG_EVENT_LUA
 # JobRecord field, so reads skip it. A job without one (stored by an older version) counts as
 # the default model's.
 MODEL_FIELD = "_model"
+# The hash field that holds the job's lane (core/lanes.py): its priority, or interactive once
+# promoted. A job without one (stored before lanes) is in no lane index: no queue position.
+LANE_FIELD = "_lane"
+
+# Milliseconds by Redis' clock, to the microsecond: the time a job entered its lane (the lanes'
+# scores). Scripts run one at a time and each takes microseconds, so jobs queued one after the
+# other get rising scores (a double holds them exactly to a fraction of a microsecond).
+_NOW_MS = """
+local function now_ms()
+    local time = redis.call('TIME')
+    return tonumber(time[1]) * 1000 + tonumber(time[2]) / 1000
+end
+"""
 
 # Every script that changes a job appends its events (core/store_redis_events.py) in the same
 # atomic step. Scripts without the prefix in ARGV take it from the job's key, "{p}:job:{id}".
@@ -34,9 +47,11 @@ _ALLOWED_MOVES = ", ".join(
 )
 
 # move(job key, counts key, prefix, to, fields...): set status and fields, and keep the
-# per-status index, the per-model queued index and the counts in step. The caller checked that
-# the move is allowed.
-_MOVE = f"""
+# per-status index, the per-model queued index, the lane indexes and the counts in step. A job
+# that is queued again joins its lane's back. The caller checked that the move is allowed.
+_MOVE = (
+    _NOW_MS
+    + f"""
 local function move(job, counts, prefix, to, ...)
     local from = redis.call('HGET', job, 'status')
     local id = redis.call('HGET', job, 'id')
@@ -48,19 +63,31 @@ local function move(job, counts, prefix, to, ...)
     redis.call('HINCRBY', counts, from, -1)
     redis.call('HINCRBY', counts, to, 1)
     if from == 'queued' or to == 'queued' then
-        local model = redis.call('HGET', job, '{MODEL_FIELD}') or '{DEFAULT_MODEL}'
+        local hidden = redis.call('HMGET', job, '{MODEL_FIELD}', '{LANE_FIELD}')
+        local model = hidden[1] or '{DEFAULT_MODEL}'
         local queued = prefix .. 'queued-by-model:' .. model
         if from == 'queued' then redis.call('ZREM', queued, id) end
         if to == 'queued' then redis.call('ZADD', queued, 0, id) end
+        if hidden[2] then
+            local lane = prefix .. 'queued-by-lane:' .. model .. ':' .. hidden[2]
+            if from == 'queued' then
+                redis.call('ZREM', lane, id)
+                redis.call('ZREM', prefix .. 'promoted:' .. model, id)
+            end
+            if to == 'queued' then redis.call('ZADD', lane, now_ms(), id) end
+        end
     end
 end
 """
+)
 
 # KEYS: job, owner index, owner's status index, counts, idempotency (or the job key again),
-# the model's queued index.
-# ARGV: id, status, has idempotency key (1/0), fingerprint, field, value, ...
+# the model's queued index, the job's lane index, the owner's queued and running indexes.
+# ARGV: id, status, has idempotency key (1/0), fingerprint, most jobs queued or running for the
+# owner (0: no limit), field, value, ...
 CREATE_JOB = (
     _EVENTS
+    + _NOW_MS
     + """
 if ARGV[3] == '1' then
     local found = redis.call('HMGET', KEYS[5], 'job_id', 'fingerprint')
@@ -70,11 +97,19 @@ if ARGV[3] == '1' then
     end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+local most = tonumber(ARGV[5])
+if most > 0 then
+    local active = redis.call('ZCARD', KEYS[8]) + redis.call('ZCARD', KEYS[9])
+    if active >= most then return {'too-many', tostring(active)} end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
-if ARGV[2] == 'queued' then redis.call('ZADD', KEYS[6], 0, ARGV[1]) end
+if ARGV[2] == 'queued' then
+    redis.call('ZADD', KEYS[6], 0, ARGV[1])
+    redis.call('ZADD', KEYS[7], now_ms(), ARGV[1])
+end
 if ARGV[3] == '1' then
     redis.call('HSET', KEYS[5], 'job_id', ARGV[1], 'fingerprint', ARGV[4])
 end
@@ -136,6 +171,42 @@ for _, id in ipairs(ids) do
     end
 end
 return reply
+"""
+)
+
+# KEYS: the model's bulk lane, its interactive lane, its promoted jobs (id → when promoted).
+# ARGV: prefix, the bound in ms. Promotes the oldest bulk job once it has waited the bound,
+# one at a time (core/lanes.py): none while a promoted job waits, unless that one has waited
+# another bound since (then it is returned again, to be sent again). Returns the ids to send.
+PROMOTE_BULK = (
+    _NOW_MS
+    + f"""
+local now = now_ms()
+local bound = tonumber(ARGV[2])
+for _, id in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+    if redis.call('HGET', ARGV[1] .. 'job:' .. id, 'status') ~= 'queued' then
+        redis.call('ZREM', KEYS[3], id)
+    elseif now - tonumber(redis.call('ZSCORE', KEYS[3], id)) < bound then
+        return {{}}
+    else
+        redis.call('ZADD', KEYS[3], now, id)
+        return {{id}}
+    end
+end
+for _ = 1, 100 do
+    local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    if #head == 0 or now - tonumber(head[2]) < bound then return {{}} end
+    local id = head[1]
+    local job = ARGV[1] .. 'job:' .. id
+    redis.call('ZREM', KEYS[1], id)
+    if redis.call('HGET', job, 'status') == 'queued' then
+        redis.call('HSET', job, '{LANE_FIELD}', 'interactive')
+        redis.call('ZADD', KEYS[2], now, id)
+        redis.call('ZADD', KEYS[3], now, id)
+        return {{id}}
+    end
+end
+return {{}}
 """
 )
 

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from core.job import JobRecord, JobStatus, can_move, utc_now
+from core.queue_sqlite import queue_position
 from core.store import (
     DEFAULT_MODEL,
     DURATION_BUCKETS_S,
@@ -29,6 +30,7 @@ from core.store import (
     JobNotFound,
     MetricsSnapshot,
     StoreError,
+    TooManyJobs,
     check_cursor,
     check_job_fields,
     check_limit,
@@ -59,9 +61,13 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry, SqliteWebhookStore, S
 
     # -- jobs --------------------------------------------------------------------------------
     def create_job(
-        self, record: JobRecord, idempotency_key: str | None = None, fingerprint: str | None = None
+        self,
+        record: JobRecord,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+        max_active: int | None = None,
     ) -> tuple[JobRecord, bool]:
-        """Store a new job; with an Idempotency-Key, see JobStore.create_job."""
+        """Store a new job; with an Idempotency-Key or max_active, see JobStore.create_job."""
         with self._db.transaction() as connection:
             if idempotency_key is not None:
                 key_hash = hash_idempotency_key(idempotency_key)
@@ -72,9 +78,16 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry, SqliteWebhookStore, S
                 if found is not None:
                     if found[1] != (fingerprint or ""):
                         raise IdempotencyConflict(IDEMPOTENCY_CONFLICT)
-                    return _load(connection, found[0]), False
+                    return _with_position(connection, _load(connection, found[0])), False
             if connection.execute("SELECT 1 FROM jobs WHERE id = ?", (record.id,)).fetchone():
                 raise ValueError(f"a job with id {record.id} already exists")
+            if max_active:
+                (active,) = connection.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')",
+                    (record.owner,),
+                ).fetchone()
+                if active >= max_active:
+                    raise TooManyJobs(active, max_active)
             connection.execute(
                 "INSERT INTO jobs (id, owner, status, record) VALUES (?, ?, ?, ?)",
                 (record.id, record.owner, record.status.value, record.to_json()),
@@ -87,11 +100,16 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry, SqliteWebhookStore, S
                 )
             register_webhook(connection, record)  # in the job's own transaction
             log_change(connection, None, record)  # its first event, in the same transaction
-        return JobRecord.from_json(record.to_json()), True
+            created = JobRecord.from_json(record.to_json())
+            return _with_position(connection, created), True
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        row = self._db.fetch_one("SELECT record FROM jobs WHERE id = ?", (job_id,))
-        return None if row is None else JobRecord.from_json(row[0])
+        """The job, with its queue_position while it is queued."""
+        with self._db.transaction(immediate=False) as connection:
+            row = connection.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            return _with_position(connection, JobRecord.from_json(row[0]))
 
     def list_jobs(
         self,
@@ -112,8 +130,11 @@ class SqliteJobStore(SqliteKeyStore, SqliteWorkerRegistry, SqliteWebhookStore, S
             parameters.append(cursor)
         sql += " ORDER BY id DESC LIMIT ?"
         parameters.append(limit + 1)  # one more tells whether there is a next page
-        rows = self._db.fetch_all(sql, tuple(parameters))
-        records = [JobRecord.from_json(row[0]) for row in rows[:limit]]
+        with self._db.transaction(immediate=False) as connection:
+            rows = connection.execute(sql, tuple(parameters)).fetchall()
+            records = [
+                _with_position(connection, JobRecord.from_json(row[0])) for row in rows[:limit]
+            ]
         return records, records[-1].id if len(rows) > limit else None
 
     def transition(self, job_id: str, to: JobStatus, **fields: Any) -> JobRecord | None:
@@ -265,6 +286,12 @@ def _jobs_final(store: SqliteJobStore, job_ids: list[str]) -> None:
         store._webhooks_job_final(job_ids)
     except StoreError as error:
         log.warning("could not mark the webhooks of %d job(s) due: %s", len(job_ids), error)
+
+
+def _with_position(connection: sqlite3.Connection, record: JobRecord) -> JobRecord:
+    if record.status is JobStatus.QUEUED:
+        record.queue_position = queue_position(connection, record.id, record.params)
+    return record
 
 
 def _load(connection: sqlite3.Connection, job_id: str) -> JobRecord:

@@ -10,14 +10,17 @@ StoreUnavailable.
 Tables:
     jobs         id (sorts by creation time), owner, status, record (JobRecord, ASCII JSON)
     idempotency  (owner, sha256 of the Idempotency-Key) → job id, request fingerprint
-    api_keys     id, name, sha256 of the secret (never the secret), created_at, revoked
+    api_keys     id, name, sha256 of the secret (never the secret), created_at, revoked, and
+                 the key's own max_jobs and rate (NULL: the farm's)
     leases       job id → worker, expires_at
     workers      worker → the models it announced (comma-separated; NULL: none yet),
                  expires_at of its heartbeat
     models_last_served  model → when a worker last announced it or stopped serving it
     counters     name → value: duration histogram buckets, duration sum and count, images
     events       the job event log: id (the cursor), job_id, owner, type, data
-    queue        SqliteJobQueue: job id, FIFO sequence, leased_by, lease_expires_at, deliveries
+    queue        SqliteJobQueue: job id, FIFO sequence, leased_by, lease_expires_at, deliveries,
+                 and the job's lane, when it entered it and whether it was promoted
+                 (core/lanes.py; columns added in place to files that lack them)
     webhook_secrets, webhook_deliveries   core/store_sqlite_webhooks.py
 
 Times that decide expiry (leases, heartbeats) are time.time(), the one clock that two processes
@@ -94,6 +97,29 @@ _SCHEMA = (
 )
 
 
+# Columns added after version 1 files were made: (table, column, definition). Added in place,
+# with defaults that read as before (a row without a lane is interactive, oldest first).
+_ADDED_COLUMNS = (
+    ("queue", "lane", "TEXT NOT NULL DEFAULT 'interactive'"),
+    ("queue", "entered_at", "REAL NOT NULL DEFAULT 0"),
+    ("queue", "promoted", "INTEGER NOT NULL DEFAULT 0"),
+    # A key's own limits (core/limits.py); NULL: the farm's.
+    ("api_keys", "max_jobs", "INTEGER"),
+    ("api_keys", "rate", "TEXT"),
+)
+
+
+def _add_columns(connection: sqlite3.Connection) -> None:
+    for table, column, definition in _ADDED_COLUMNS:
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    connection.execute("CREATE INDEX IF NOT EXISTS queue_by_lane ON queue (lane, entered_at, seq)")
+    connection.execute(
+        "CREATE INDEX IF NOT EXISTS queue_promoted ON queue (promoted) WHERE promoted = 1"
+    )
+
+
 class SqliteDatabase:
     """Connections to one SQLite file: one per thread, all closed by close()."""
 
@@ -121,6 +147,7 @@ class SqliteDatabase:
                     )
                 for statement in _SCHEMA:
                     connection.execute(statement)
+                _add_columns(connection)
         except BaseException:
             self.close()
             raise

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tests.servers import free_port
 
 if TYPE_CHECKING:  # imported when a server starts: the GPU benchmarks run without moto
+    import pytest
     from moto.server import ThreadedMotoServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,14 @@ AWS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
 }
 AWS_ENV_REMOVED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def use_test_aws_credentials(patch: pytest.MonkeyPatch) -> None:
+    """This process's S3 clients get the fake credentials (AWS_ENV), none of the machine's."""
+    for name in AWS_ENV_REMOVED:
+        patch.delenv(name, raising=False)
+    for name, value in AWS_ENV.items():
+        patch.setenv(name, value)
 
 
 def wait_for(

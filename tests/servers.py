@@ -9,7 +9,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,7 +37,13 @@ class RedisServer:
     Data lives in `directory`; with appendonly=True, the AOF survives a restart.
     """
 
-    def __init__(self, directory: Path, appendonly: bool = True, port: int | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        appendonly: bool = True,
+        port: int | None = None,
+        extra: tuple[str, ...] = (),
+    ):
         if shutil.which("redis-server") is None:
             raise RuntimeError(
                 "redis-server is not installed; on Debian/Ubuntu: sudo apt-get install redis-server"
@@ -45,6 +51,7 @@ class RedisServer:
         self.directory = directory
         self.appendonly = appendonly
         self.port = port or free_port()
+        self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,6 +70,7 @@ class RedisServer:
                 "--appendfsync", "always",
                 "--save", "",
                 "--maxmemory-policy", "noeviction",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -103,6 +111,110 @@ def running_redis(directory: Path, appendonly: bool = True) -> Iterator[RedisSer
         server.kill()
 
 
+SENTINEL_SERVICE = "farm"
+
+
+class SentinelRedis:
+    """A Redis master, its replica and one sentinel watching them (quorum 1), each a process of
+    its own on loopback: `url` is the farm's redis+sentinel:// URL for them, and `failover()`
+    makes the replica the master, as Sentinel does when the master fails."""
+
+    def __init__(self, directory: Path) -> None:
+        self.nodes = [RedisServer(directory / "a")]
+        self.nodes.append(
+            RedisServer(
+                directory / "b", extra=("--replicaof", "127.0.0.1", str(self.nodes[0].port))
+            )
+        )
+        self.directory = directory
+        self.sentinel_port = free_port()
+        self.sentinel: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{SENTINEL_SERVICE}"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        config = self.directory / "sentinel.conf"
+        master = self.nodes[0].port
+        config.write_text(
+            f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master} 1\n"
+            f"sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n"
+            f"sentinel failover-timeout {SENTINEL_SERVICE} 5000\n"
+        )
+        self.sentinel = subprocess.Popen(
+            ["redis-server", str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self._wait(lambda: self.master_port() == master and self._replicas_synced(), "start")
+
+    def master_port(self) -> int | None:
+        """The master's port as the sentinel names it now."""
+        try:
+            with redis.Redis(port=self.sentinel_port, socket_timeout=2) as client:
+                found = client.sentinel_get_master_addr_by_name(SENTINEL_SERVICE)
+        except redis.RedisError:
+            return None
+        return int(found[1]) if found else None
+
+    def _replicas_synced(self) -> bool:
+        with redis.Redis(port=self.nodes[0].port, socket_timeout=2) as master:
+            info = master.info("replication")
+        replica = info.get("slave0")
+        return isinstance(replica, dict) and replica.get("offset") == info["master_repl_offset"]
+
+    def failover(self) -> None:
+        """Promote the replica (SENTINEL FAILOVER, once it has every write) and wait until the
+        sentinel names it and it takes writes."""
+        self._wait(self._replicas_synced, "the replica to have every write")
+        before = self.master_port()
+        with redis.Redis(port=self.sentinel_port, socket_timeout=5) as client:
+            client.execute_command("SENTINEL", "FAILOVER", SENTINEL_SERVICE)
+
+        def role(port: int) -> str:
+            with redis.Redis(port=port, socket_timeout=2) as client:
+                return str(client.info("replication")["role"])
+
+        def switched() -> bool:
+            # The sentinel names the new master, it takes writes, and the old one is its
+            # replica (until then a client may still write to the old one).
+            port = self.master_port()
+            if port is None or port == before or role(port) != "master":
+                return False
+            return before is None or role(before) == "slave"
+
+        self._wait(switched, "the failover")
+
+    def _wait(self, condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis with Sentinel: timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.sentinel is not None:
+            self.sentinel.kill()
+            self.sentinel.wait()
+            self.sentinel = None
+        for node in self.nodes:
+            node.kill()
+
+
+@contextmanager
+def sentinel_redis(directory: Path) -> Iterator[SentinelRedis]:
+    setup = SentinelRedis(directory)
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
 @contextmanager
 def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """Serve `handler` on a free loopback port until the block ends; yield the base URL."""
@@ -120,15 +232,14 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
 
 
 @contextmanager
-def api_server(app: Flask) -> Iterator[str]:
-    """Serve `app` with the API's HTTP server (api/server.py, 4 threads) on a free loopback port,
-    on a thread of this process, until the block ends; yield its origin. Checks that the server
-    stopped."""
+def api_server(app: Flask, config: ServerConfig | None = None) -> Iterator[str]:
+    """Serve `app` with the API's HTTP server (api/server.py; `config`, by default 4 threads) on
+    a free loopback port, on a thread of this process, until the block ends; yield its origin.
+    Checks that the server stopped (within 30 s)."""
     sockets = listen("127.0.0.1", 0)
     stop = threading.Event()
-    thread = threading.Thread(
-        target=serve_app, args=(app, sockets, ServerConfig(threads=4), stop), daemon=True
-    )
+    config = config or ServerConfig(threads=4)
+    thread = threading.Thread(target=serve_app, args=(app, sockets, config, stop), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{sockets[0].getsockname()[1]}"

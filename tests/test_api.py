@@ -655,7 +655,7 @@ def test_a_text_longer_than_the_model_reads_gets_a_warning(tmp_path: Path) -> No
 class BrokenQueue(SqliteJobQueue):
     """A queue whose broker is down."""
 
-    def enqueue(self, job_id: str, model: str | None = None) -> None:
+    def enqueue(self, job_id: str, model: str | None = None, priority: str | None = None) -> None:
         raise StoreUnavailable("the broker at redis://user:hunter2@broker:6379 is down")
 
 

@@ -33,13 +33,12 @@ from client.rows import InputError, dataset_id, derived_seed, plan_jobs, read_ro
 from core.services import build_store
 from core.settings import Settings
 from tests.farm_helpers import (
-    AWS_ENV,
-    AWS_ENV_REMOVED,
     REPO_ROOT,
     FarmProcess,
     S3Server,
     http,
     subprocess_env,
+    use_test_aws_credentials,
     wait_for,
     worker_process,
 )
@@ -72,10 +71,7 @@ class Farm:
 def farm(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> Iterator[Farm]:
     root = tmp_path_factory.mktemp("bulk-farm")
     with pytest.MonkeyPatch.context() as patch:
-        for name in AWS_ENV_REMOVED:
-            patch.delenv(name, raising=False)
-        for name, value in AWS_ENV.items():
-            patch.setenv(name, value)
+        use_test_aws_credentials(patch)
         patch.setenv("NO_PROXY", "127.0.0.1,localhost")
         patch.setenv("no_proxy", "127.0.0.1,localhost")
         redis_server = RedisServer(root / "redis")
@@ -294,8 +290,12 @@ def test_50_prompts_become_a_webdataset_with_a_matching_manifest(
         assert row["path"] == f"{row['shard']:05d}.tar"
     assert leftovers(out) == []
     assert_no_duplicate_jobs(farm.jobs(key), 50)
+    assert {job["params"]["priority"] for job in farm.jobs(key)} == {"bulk"}  # type: ignore[index]
 
-    again = run_bulk(farm, key, tmp_path / "prompts.txt", out, *options)
+    # The lane is not part of the plan: a run in another lane resumes the same dataset.
+    again = run_bulk(
+        farm, key, tmp_path / "prompts.txt", out, *options, "--priority", "interactive"
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(str(path) for path in out.glob("*.tar")) == shards
     assert len(farm.jobs(key)) == 50

@@ -32,8 +32,8 @@ from client import (
     Unauthorized,
     WaitTimeout,
 )
-from client.errors import Problem, api_error
 from client.answers import is_retryable, parse_retry_after
+from client.errors import Problem, api_error
 from tests.farm_helpers import REPO_ROOT, FarmProcess, http, subprocess_env, wait_for
 from tests.fault_proxy import Fault, FaultProxy
 from tests.servers import free_port

@@ -150,6 +150,7 @@ def job_json(**changes: Any) -> dict[str, Any]:
         "error": None,
         "attempts": 1,
         "cancel_requested": False,
+        "queue_position": None,
         "result": {
             "grid": {"url": "/v1/files/g", "key": "g"},
             "images": [{"url": "/v1/files/0", "key": "0"}],

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from core.redis_url import parse_sentinel_url
 from core.settings import MODELS, Settings
 
 if sys.version_info >= (3, 11):
@@ -607,3 +608,35 @@ def test_dockerignore_keeps_local_state_out_of_the_context(path: str) -> None:
 
 def test_dockerignore_keeps_the_env_example() -> None:
     assert not is_ignored(".env.example")
+
+
+SENTINEL_FILE = ROOT / "infra" / "docker-compose.sentinel.yml"
+
+
+def test_the_sentinel_option_fails_over_to_a_replica_the_farm_follows() -> None:
+    """infra/docker-compose.sentinel.yml: a replica of `redis`, three sentinels with a quorum
+    of two watching it, and the farm's services pointed at the sentinels."""
+    text = SENTINEL_FILE.read_text(encoding="utf-8")
+    assert referenced_variables(text) <= env_example_documented() | {"REDIS_PASSWORD"}
+    overlay = yaml.safe_load(text)
+    added = overlay["services"]
+    replica = command_words(added["redis-replica"]["command"])
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    assert "--masterauth" in replica and "--masterauth" in command_words(added["redis"]["command"])
+    sentinels = [name for name in added if name.startswith("sentinel-")]
+    assert len(sentinels) == 3
+    for name in sentinels:
+        script = " ".join(command_words(added[name]["command"]))
+        monitor = re.search(r"sentinel monitor (\S+) (\S+) (\d+) (\d+)", script)
+        assert monitor is not None and monitor.groups() == ("farm", "redis", "6379", "2")
+        assert "sentinel auth-pass farm" in script and "--sentinel" in script
+    variables = env_example_values()
+    for service in ("api", "worker"):
+        url = interpolate(added[service]["environment"]["DALLE_FARM_REDIS_URL"], variables)
+        target = parse_sentinel_url(url)
+        assert target.service == "farm"
+        assert {host for host, _ in target.sentinels} == set(sentinels)
+        assert target.password == variables["REDIS_PASSWORD"]
+        assert Settings.from_env({"DALLE_FARM_REDIS_URL": url}).redis_url == url
+        waits = added[service]["depends_on"]
+        assert all(waits[name]["condition"] == "service_healthy" for name in sentinels)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
@@ -15,10 +14,9 @@ from typing import Any
 
 import pytest
 import requests
-from flask import Flask
 
 from api.app import create_app
-from api.server import ServerConfig, listen, serve_app
+from api.server import ServerConfig
 from client import FarmClient, NotFound
 from core.events import Event, parse_stream
 from core.job import MODELS, JobStatus, preview_key, utc_now
@@ -28,7 +26,7 @@ from core.storage import LocalStorage
 from core.store import JobStore
 from core.store_redis import RedisJobStore
 from core.store_sqlite import SqliteJobStore
-from tests.servers import running_redis
+from tests.servers import api_server, running_redis
 
 TIMEOUT_S = 30  # a hang guard for every read; nothing here waits that long when it works
 PROBLEM = "application/problem+json"
@@ -75,21 +73,6 @@ def events(response: requests.Response) -> Iterator[Event]:
 
 
 @contextmanager
-def running(app: Flask, config: ServerConfig) -> Iterator[tuple[str, threading.Thread]]:
-    sockets = listen("127.0.0.1", 0)
-    stop = threading.Event()
-    thread = threading.Thread(target=serve_app, args=(app, sockets, config, stop), daemon=True)
-    port = sockets[0].getsockname()[1]
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}", thread
-    finally:
-        stop.set()
-        thread.join(TIMEOUT_S)
-        assert not thread.is_alive(), "the server did not stop"
-
-
-@contextmanager
 def farm_on(
     store: JobStore, tmp_path: Path, config: ServerConfig, **settings: Any
 ) -> Iterator[Farm]:
@@ -103,7 +86,7 @@ def farm_on(
     secret = store.create_key("alice")[1]
     other = store.create_key("bob")[1]
     try:
-        with running(app, config) as (url, _):
+        with api_server(app, config) as url:
             yield Farm(url, store, secret, other)
     finally:
         queue.close()
@@ -322,10 +305,10 @@ def test_streams_end_when_the_server_stops(tmp_path: Path) -> None:
     app = create_app(
         Settings(data_dir=tmp_path), store=store, storage=LocalStorage(tmp_path), queue=queue
     )
-    # A drain that waited for the streams would take a minute and fail `running`'s join.
+    # A drain that waited for the streams would take a minute and fail api_server's check.
     config = ServerConfig(threads=2, shutdown_timeout_s=60)
     try:
-        with running(app, config) as (url, _):
+        with api_server(app, config) as url:
             sock = open_stream(url, "/v1/events", secret)
         sock.settimeout(TIMEOUT_S)
         while sock.recv(65536):  # the server ends the stream, then closes the connection

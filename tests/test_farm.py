@@ -47,13 +47,12 @@ from core.storage import S3Storage
 from core.store import key_id_from_secret
 from model.weights.random_weights import SMALL_CONFIG, write_random_weights
 from tests.farm_helpers import (
-    AWS_ENV,
-    AWS_ENV_REMOVED,
     REPO_ROOT,
     FarmProcess,
     S3Server,
     http,
     subprocess_env,
+    use_test_aws_credentials,
     wait_for,
     worker_process,
 )
@@ -168,10 +167,7 @@ class Farm:
 def farm(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> Iterator[Farm]:
     root = tmp_path_factory.mktemp("farm")
     with pytest.MonkeyPatch.context() as patch:
-        for name in AWS_ENV_REMOVED:
-            patch.delenv(name, raising=False)
-        for name, value in AWS_ENV.items():
-            patch.setenv(name, value)
+        use_test_aws_credentials(patch)
         redis_server = RedisServer(root / "redis", appendonly=True)
         redis_server.start()
         s3 = S3Server()

@@ -13,8 +13,8 @@ import pytest
 
 from core.store_sqlite import SqliteJobStore
 from core.webhooks import verify
-from tests.farm_helpers import REPO_ROOT, http, subprocess_env, wait_for
 from tests.embedded_serve import JOB_TIMEOUT_S, Serve
+from tests.farm_helpers import REPO_ROOT, http, subprocess_env, wait_for
 from tests.test_webhooks_dispatch import HANG, Receiver, receiver
 
 __all__ = ["receiver"]

@@ -1,6 +1,7 @@
 """The distributed farm's Celery app: one task, `dalle_farm.run_job(job_id)`, over Redis.
 
-    celery -A worker.celery_app worker -Q dalle-farm.mini --pool threads --concurrency 8
+    celery -A worker.celery_app worker -Q dalle-farm.mini,dalle-farm.mini.bulk \
+        --pool threads --concurrency 8
 
 (`dalle-farm worker` starts one such process per GPU.) The app is built from Settings on first
 use, not at import, so importing this module reads no environment and loads no model.
@@ -19,7 +20,13 @@ Delivery guarantees, and why each setting is what it is:
   requeues the message at once.
 - worker_prefetch_multiplier = 1: a worker reserves at most as many messages as it has threads
   (DALLE_FARM_MAX_JOBS), all of them running in the batch, so it never sits on a backlog that
-  other GPUs could take.
+  other GPUs could take, nor on bulk messages reserved before interactive ones arrived.
+- priority lanes (core/lanes.py): a worker consumes its model's interactive queue, then its
+  bulk queue (`-Q dalle-farm.mini,dalle-farm.mini.bulk`, in that order, with the transport's
+  queue_order_strategy "priority"), so a free job slot takes an interactive job whenever one
+  waits. A BulkPromoter thread moves the oldest bulk job to the interactive queue once it has
+  waited DALLE_FARM_BULK_MAX_WAIT_S (one at a time); its bulk message, taken later, finds the
+  job running or finished and is dropped by run_job.
 - visibility_timeout = DALLE_FARM_VISIBILITY_TIMEOUT_S (default 60): when the whole worker is
   killed, its unacknowledged message stays in Redis, and Redis hands it to another worker after
   this many seconds (plus up to `unacked_restore_interval`), so a vanished worker's job is
@@ -57,8 +64,9 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery, Task, signals
 
 from core.job import JobStatus, utc_now
+from core.lanes import BULK, INTERACTIVE, BulkPromoter
 from core.presence import WorkerPresence
-from core.queue_celery import TASK_NAME
+from core.queue_celery import TASK_NAME, lane_queue
 from core.queue_celery import create_celery_app as create_queue_app
 from core.settings import Settings
 from core.storage import Storage, StorageUnavailable
@@ -254,13 +262,24 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
             unserved_timeout_s=settings.unserved_job_timeout_s,
         ).start()
         _start_webhooks(settings, hostname)
+        _start_promoter(app, settings, models)
     log.info("worker %s serves %s", hostname, ", ".join(models) or "no model (see --queues)")
+    consumed = app.amqp.queues.consume_from
+    if models and consumed is not None and lane_queue(settings, lane=BULK) not in consumed:
+        log.warning(
+            "worker %s does not take bulk jobs (%s is not in --queues): they run here only "
+            "once promoted, after DALLE_FARM_BULK_MAX_WAIT_S",
+            hostname,
+            lane_queue(settings, lane=BULK),
+        )
     if _ready_once_announced:
         _report_ready()
 
 
 def models_to_announce(app: Celery, settings: Settings) -> list[str]:
-    """The model this worker renders, if it takes jobs from that model's queue."""
+    """The model this worker renders, if it takes jobs from that model's (interactive) queue.
+    A worker of the bulk queue alone does not announce it: the API would accept interactive
+    jobs that no worker takes."""
     consumed = app.amqp.queues.consume_from
     return [settings.model] if consumed is None or settings.queue_name() in consumed else []
 
@@ -282,6 +301,36 @@ def _on_worker_shutdown(**_: Any) -> None:
         presence.stop()
         presence.store.close()
     _stop_webhooks()
+    _stop_promoter()
+
+
+# -- promoting overdue bulk jobs (core/lanes.py), on a thread of its own ------------------------
+
+_promoter: BulkPromoter | None = None
+
+
+def _start_promoter(app: Celery, settings: Settings, models: list[str]) -> None:
+    global _promoter
+    if not models or settings.redis_url is None:
+        return
+    from core.store_redis import RedisJobStore
+
+    def send(job_id: str) -> None:
+        app.send_task(TASK_NAME, args=[job_id], queue=lane_queue(settings, lane=INTERACTIVE))
+
+    _promoter = BulkPromoter(
+        RedisJobStore(settings.redis_url), models, settings.bulk_max_wait_s, send
+    ).start()
+
+
+def _stop_promoter() -> None:
+    global _promoter
+    promoter, _promoter = _promoter, None
+    if promoter is not None:
+        promoter.stop()
+        close = getattr(promoter.store, "close", None)
+        if close is not None:
+            close()
 
 
 # -- webhook deliveries (worker/webhooks.py), on threads of their own ---------------------------
