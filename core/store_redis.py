@@ -89,7 +89,7 @@ from core.store_redis_lua import (
     TRANSITION,
     UPDATE,
 )
-from core.store_redis_webhooks import RedisWebhookStore
+from core.store_redis_webhooks import RedisWebhookStore, delivery_fields
 from core.store_redis_workers import RedisWorkerRegistry
 
 __all__ = ["RedisBackend", "RedisJobStore", "redact_url"]
@@ -137,18 +137,19 @@ class RedisJobStore(
             self._key("queued-by-lane", model, lane),
             self._key("jobs-by-status", JobStatus.QUEUED.value, record.owner),
             self._key("jobs-by-status", JobStatus.RUNNING.value, record.owner),
+            self._key("webhook", record.id),
+            self._key("webhooks-due"),
         ]
+        fields = [*_flatten(_encode(record.to_dict())), MODEL_FIELD, model, LANE_FIELD, lane]
         args = [
             record.id,
             record.status.value,
             "1" if idempotency_key is not None else "0",
             fingerprint or "",
             str(max_active or 0),
-            *_flatten(_encode(record.to_dict())),
-            MODEL_FIELD,
-            model,
-            LANE_FIELD,
-            lane,
+            str(len(fields)),
+            *fields,
+            *delivery_fields(record),  # its webhook's delivery, in the same step
         ]
         with self._errors():
             reply = self._script(CREATE_JOB)(keys=keys, args=args)
@@ -165,7 +166,6 @@ class RedisJobStore(
             if existing is None:
                 raise JobNotFound(f"the job of this Idempotency-Key, {text(reply[1])}, is gone")
             return existing, False
-        self._register_webhook(record)
         created = JobRecord.from_json(record.to_json())
         if created.status is JobStatus.QUEUED:
             with self._errors():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from core.job import JobStatus, can_move
 from core.store import DEFAULT_MODEL
 from core.store_redis_events import LOG_EVENT_LUA
+from core.webhooks import WAITING_RECHECK_S
 
 # The hash field of a job that holds its model, kept for the per-model queued index; not a
 # JobRecord field, so reads skip it. A job without one (stored by an older version) counts as
@@ -82,12 +83,15 @@ end
 )
 
 # KEYS: job, owner index, owner's status index, counts, idempotency (or the job key again),
-# the model's queued index, the job's lane index, the owner's queued and running indexes.
+# the model's queued index, the job's lane index,
+# the owner's queued and running indexes, the job's webhook delivery, the deliveries due.
 # ARGV: id, status, has idempotency key (1/0), fingerprint, most jobs queued or running for the
-# owner (0: no limit), field, value, ...
+# owner (0: no limit), N, then N args of the job's fields (field, value, ...), then, if the job
+# has a webhook, its delivery's fields (core/store_redis_webhooks.py), registered in this step.
 CREATE_JOB = (
     _EVENTS
     + _NOW_MS
+    + f"local WAITING_RECHECK_S = {WAITING_RECHECK_S}\n"
     + """
 if ARGV[3] == '1' then
     local found = redis.call('HMGET', KEYS[5], 'job_id', 'fingerprint')
@@ -102,7 +106,12 @@ if most > 0 then
     local active = redis.call('ZCARD', KEYS[8]) + redis.call('ZCARD', KEYS[9])
     if active >= most then return {'too-many', tostring(active)} end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+local last = 6 + tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7, last))
+if #ARGV > last then  -- its webhook's delivery, rechecked until the job is final
+    redis.call('HSET', KEYS[10], unpack(ARGV, last + 1))
+    redis.call('ZADD', KEYS[11], now_ms() / 1000 + WAITING_RECHECK_S, ARGV[1])
+end
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[4], ARGV[2], 1)

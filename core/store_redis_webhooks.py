@@ -6,8 +6,9 @@
     {p}:webhooks-due        sorted set job id → when to look at its delivery next (Redis'
                             clock, Unix seconds); only pending deliveries are in it
 
-A delivery is registered with its job, due WAITING_RECHECK_S later. When the job reaches a
-final state the store marks it due now (`_webhooks_job_final`). A claim (one script) takes due
+A delivery is registered by the script that creates its job (CREATE_JOB, with
+`delivery_fields`), due WAITING_RECHECK_S later. When the job reaches a final state the store
+marks it due now (`_webhooks_job_final`). A claim (one script) takes due
 deliveries whose job is final, pushes each WAITING_RECHECK_S on if its job is not (the safety
 net), and leases each one it takes for `lease_s` under a claim token, so two dispatchers never
 send one delivery at the same time; a dispatcher that dies leaves it due again when the lease
@@ -40,16 +41,24 @@ redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 return redis.call('HGET', KEYS[1], ARGV[1])
 """
 
-# KEYS: delivery, due. ARGV: job id, field, value, ... Returns 1 if registered, 0 if it was.
-_REGISTER = (
-    _NOW
-    + f"""
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('ZADD', KEYS[2], now + {WAITING_RECHECK_S}, ARGV[1])
-return 1
-"""
-)
+
+def delivery_fields(record: JobRecord) -> list[str]:
+    """The hash fields of a new job's webhook delivery (field, value, ...), or none when it has
+    no webhook_url; CREATE_JOB registers them with the job (core/store_redis_lua.py)."""
+    url = record.params.get("webhook_url")
+    if not isinstance(url, str):
+        return []
+    fields = {
+        "id": new_delivery_id(),
+        "job_id": record.id,
+        "url": url,
+        "owner": record.owner,
+        "state": DeliveryState.PENDING,
+        "attempts": "0",
+        "created_at": utc_now(),
+    }
+    return [item for pair in fields.items() for item in pair]
+
 
 # KEYS: due. ARGV: prefix, job ids... Pending, unclaimed deliveries of these jobs are due now.
 _MARK_DUE = (
@@ -148,26 +157,6 @@ class RedisWebhookStore(RedisBackend):
         return text(secret)
 
     # -- the outbox ----------------------------------------------------------------------------
-    def _register_webhook(self, record: JobRecord) -> None:
-        """Register the delivery of a new job that has a webhook_url (once per job)."""
-        url = record.params.get("webhook_url")
-        if not isinstance(url, str):
-            return
-        fields = {
-            "id": new_delivery_id(),
-            "job_id": record.id,
-            "url": url,
-            "owner": record.owner,
-            "state": DeliveryState.PENDING,
-            "attempts": "0",
-            "created_at": utc_now(),
-        }
-        with self._errors():
-            self._script(_REGISTER)(
-                keys=[self._key("webhook", record.id), self._key("webhooks-due")],
-                args=[record.id, *[item for pair in fields.items() for item in pair]],
-            )
-
     def _webhooks_job_final(self, job_ids: list[str]) -> None:
         """These jobs reached a final state: their pending deliveries are due now."""
         if job_ids:
