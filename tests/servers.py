@@ -162,16 +162,31 @@ class SentinelRedis:
         return int(found[1]) if found else None
 
     def _replicas_synced(self) -> bool:
-        with redis.Redis(port=self.nodes[0].port, socket_timeout=2) as master:
+        port = self.master_port()
+        if port is None:
+            return False
+        with redis.Redis(port=port, socket_timeout=2) as master:
             info = master.info("replication")
         replica = info.get("slave0")
-        return isinstance(replica, dict) and replica.get("offset") == info["master_repl_offset"]
+        return isinstance(replica, dict) and replica.get("offset") >= info["master_repl_offset"]
 
-    def failover(self) -> None:
-        """Promote the replica (SENTINEL FAILOVER, once it has every write) and wait until the
-        sentinel names it and it takes writes."""
-        self._wait(self._replicas_synced, "the replica to have every write")
+    def failover(self, pause_ms: int = 3000) -> bool:
+        """Promote the replica (SENTINEL FAILOVER) and wait until the sentinel names it, it
+        takes writes and the old master is its replica. First the master's writes pause for up
+        to `pause_ms` (CLIENT PAUSE WRITE: clients block, nothing fails) while the replica
+        catches up; whether it did is returned (under constant writes it may stay a little
+        behind, and those last writes are then lost, as in a real failover)."""
         before = self.master_port()
+        assert before is not None, "the sentinel names no master"
+        with redis.Redis(port=before, socket_timeout=5) as master:
+            self._wait(
+                lambda: master.info("replication").get("slave0", {}).get("state") == "online",
+                "the replica to be online",
+            )
+            master.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+            deadline = time.monotonic() + pause_ms / 1000
+            while not (synced := self._replicas_synced()) and time.monotonic() < deadline:
+                time.sleep(0.05)
         with redis.Redis(port=self.sentinel_port, socket_timeout=5) as client:
             client.execute_command("SENTINEL", "FAILOVER", SENTINEL_SERVICE)
 
@@ -183,11 +198,10 @@ class SentinelRedis:
             # The sentinel names the new master, it takes writes, and the old one is its
             # replica (until then a client may still write to the old one).
             port = self.master_port()
-            if port is None or port == before or role(port) != "master":
-                return False
-            return before is None or role(before) == "slave"
+            return port not in (None, before) and role(port) == "master" and role(before) == "slave"
 
-        self._wait(switched, "the failover")
+        self._wait(switched, "the failover", timeout_s=60)
+        return synced
 
     def _wait(self, condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s

@@ -34,7 +34,8 @@ export function jobList({ signal }) {
         h("a", { class: "prompt", href: `#/jobs/${job.id}` }, p.text), badge),
       bar,
       h("p", { class: "meta" },
-        `${when(job.created_at)} · ${p.grid_size}×${p.grid_size} · ${p.model} · seed ${p.seed}`),
+        `${when(job.created_at)} · ${p.grid_size}×${p.grid_size} · ${p.model} · seed ${p.seed}` +
+          (p.priority === "bulk" ? " · bulk" : "")),
       h("div", { class: "actions" }, cancel, again),
       error);
     const entry = { element, badge, bar, cancel, job };
@@ -67,6 +68,10 @@ export function jobList({ signal }) {
     if (!entry) return;
     entry.job = job;
     setStatus(entry.badge, job.status);
+    // Its place in its lane while queued (GET answers it; events do not carry it).
+    if (job.status === "queued" && job.queue_position) {
+      entry.badge.textContent = `queued · #${job.queue_position}`;
+    }
     setProgress(entry.bar, job.progress.step, job.progress.total);
     entry.bar.hidden = FINISHED.has(job.status);
     entry.cancel.hidden = FINISHED.has(job.status);
