@@ -31,10 +31,10 @@ from PIL import Image
 from api.app import create_app
 from cli.main import CommandError
 from cli.worker import child_for, parse_gpus
+from core.checkpoint import decode_tokens
 from core.job import (
     JobRecord,
     JobStatus,
-    decode_tokens,
     grid_key,
     image_key,
     job_json_key,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from core.checkpoint import decode_tokens, encode_tokens
 from core.job import (
     PARAM_FIELDS,
     PROGRESS_TOTAL,
@@ -27,8 +28,6 @@ from core.job import (
     JobRecord,
     JobStatus,
     can_move,
-    decode_tokens,
-    encode_tokens,
     grid_key,
     image_key,
     is_job_id,

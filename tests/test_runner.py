@@ -21,11 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
+from core.checkpoint import decode_tokens
 from core.job import (
     JobParams,
     JobRecord,
     JobStatus,
-    decode_tokens,
     grid_key,
     image_key,
     job_json_key,

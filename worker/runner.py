@@ -39,12 +39,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from core.checkpoint import decode_tokens, encode_tokens
 from core.job import (
     JobParams,
     JobRecord,
     JobStatus,
-    decode_tokens,
-    encode_tokens,
     grid_key,
     image_key,
     job_json_key,
