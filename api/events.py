@@ -33,8 +33,8 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from api import operations
-from api.auth import current_owner, require_owner
-from api.limits import RequestLimiter, enforce
+from api.auth import current_owner
+from api.limits import RequestLimiter, v1_blueprint
 from api.openapi import add_route
 from api.problems import Problem
 from api.routes import owned_job
@@ -100,9 +100,7 @@ def create_blueprint(
     limiter: RequestLimiter,
 ) -> Blueprint:
     """The event stream routes under /v1, with the same auth as the other /v1 routes."""
-    blueprint = Blueprint("v1_events", __name__, url_prefix="/v1")
-    require_owner(blueprint, services.store, anonymous_owner)
-    enforce(blueprint, limiter, settings)
+    blueprint = v1_blueprint("v1_events", settings, services.store, anonymous_owner, limiter)
     views = EventViews(services, StreamSlots(settings.max_event_streams))
     add_route(blueprint, "/jobs/<job_id>/events", "GET", views.job_events, operations.JOB_EVENTS)
     add_route(blueprint, "/events", "GET", views.owner_events, operations.OWNER_EVENTS)

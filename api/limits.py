@@ -32,10 +32,12 @@ from limits import (
 from limits.storage import MemoryStorage, RedisSentinelStorage, RedisStorage, Storage
 from limits.strategies import MovingWindowRateLimiter
 
+from api.auth import require_owner
 from api.problems import Problem
 from core.limits import KeyLimits, Rate, limits_for, parse_rate
 from core.redis_url import is_sentinel_url
 from core.settings import Settings
+from core.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,21 @@ def key_limits(settings: Settings) -> KeyLimits:
         settings.key_max_jobs,
         parse_rate(settings.key_rate),
     )
+
+
+def v1_blueprint(
+    name: str,
+    settings: Settings,
+    store: JobStore,
+    anonymous_owner: str | None,
+    limiter: RequestLimiter,
+) -> Blueprint:
+    """A blueprint under /v1 whose every request is authenticated (api.auth) and then counted
+    against its key's rate."""
+    blueprint = Blueprint(name, __name__, url_prefix="/v1")
+    require_owner(blueprint, store, anonymous_owner)
+    enforce(blueprint, limiter, settings)
+    return blueprint
 
 
 def enforce(blueprint: Blueprint, limiter: RequestLimiter, settings: Settings) -> None:

@@ -24,9 +24,9 @@ from flask import Blueprint, Response, jsonify, request
 from pydantic import TypeAdapter, ValidationError
 
 from api import operations
-from api.auth import current_owner, require_owner
+from api.auth import current_owner
 from api.job_json import job_json, job_page_json
-from api.limits import RequestLimiter, enforce, key_limits, too_many_jobs
+from api.limits import RequestLimiter, key_limits, too_many_jobs, v1_blueprint
 from api.openapi import add_route
 from api.problems import Problem, redact, unavailable
 from api.services import Services
@@ -75,9 +75,7 @@ def create_blueprint(
     limiter: RequestLimiter,
 ) -> Blueprint:
     """The /v1 routes, bound to `services`."""
-    blueprint = Blueprint("v1", __name__, url_prefix="/v1")
-    require_owner(blueprint, services.store, anonymous_owner)
-    enforce(blueprint, limiter, settings)
+    blueprint = v1_blueprint("v1", settings, services.store, anonymous_owner, limiter)
     views = JobViews(settings, services)
     add_route(blueprint, "/jobs", "POST", views.submit_job, operations.SUBMIT_JOB)
     add_route(blueprint, "/jobs", "GET", views.list_jobs, operations.LIST_JOBS)
