@@ -55,7 +55,7 @@ from core.job import (
 )
 from core.settings import Settings
 from core.storage import LocalStorage, ObjectNotFound
-from core.store import IdempotencyConflict, JobNotFound, JobStore, TooManyJobs
+from core.store import IdempotencyConflict, JobNotFound, JobStore, NotConfirmed, TooManyJobs
 from core.webhooks import AllowList, WebhookRefused, resolve_url
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,17 @@ class JobViews:
             )
         except TooManyJobs as error:
             raise too_many_jobs(limits, error.active) from None
+        except NotConfirmed as error:
+            # Kept unless Redis fails over now: queue it so that it runs if kept, and let the
+            # client ask again (the same Idempotency-Key answers with this job if it was kept).
+            self._enqueue(error.job)
+            raise Problem(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"no Redis replica confirmed job {error.job.id} in time (a failover may be "
+                "under way), so it may be lost; send the request again with the same "
+                "Idempotency-Key, which answers with this job if it was kept",
+                slug="unavailable",
+            ) from None
         except IdempotencyConflict:
             raise Problem(
                 HTTPStatus.CONFLICT,

@@ -43,11 +43,11 @@ the rule exact and each lane's order a plain sorted set (queue_position).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from core.contract import DEFAULT_PRIORITY, PRIORITIES
+from core.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class PromotingStore(Protocol):
         ...
 
 
-class BulkPromoter:
+class BulkPromoter(Periodic):
     """Promotes overdue bulk jobs of `models` every `interval_s` on a daemon thread, and
     calls `send(job_id)` to queue each promoted job in the interactive lane. Never raises:
     failures are logged and the next round tries again (a job whose message could not be sent
@@ -85,15 +85,14 @@ class BulkPromoter:
         *,
         interval_s: float | None = None,
     ) -> None:
+        super().__init__(
+            "bulk-promoter",
+            min(PROMOTE_INTERVAL_S, max_wait_s / 4) if interval_s is None else interval_s,
+        )
         self.store = store
         self.models = list(models)
         self.max_wait_s = max_wait_s
         self.send = send
-        self.interval_s = (
-            min(PROMOTE_INTERVAL_S, max_wait_s / 4) if interval_s is None else interval_s
-        )
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bulk-promoter", daemon=True)
 
     def start(self) -> BulkPromoter:
         log.info(
@@ -102,13 +101,11 @@ class BulkPromoter:
             self.max_wait_s,
             self.interval_s,
         )
-        self._thread.start()
+        super().start()
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
+    def run_once(self) -> list[str]:
+        return self.promote_once()
 
     def promote_once(self) -> list[str]:
         """One round: the ids promoted and sent."""
@@ -122,7 +119,3 @@ class BulkPromoter:
             except Exception as error:  # a Redis blip: the next round tries again
                 log.warning("could not promote %s bulk jobs: %s", model, error)
         return promoted
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.promote_once()

@@ -15,6 +15,7 @@ This module is pure: parsing and choosing, no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class Rate:
         return f"{self.amount} {noun} per {UNITS[self.unit]}"
 
 
+@functools.lru_cache(maxsize=1024)  # read for every request: the farm's rate, or the key's
 def parse_rate(text: str | None) -> Rate | None:
     """A rate from "R/s", "R/m" or "R/h" (R a whole number from 1); None for "none" or
     nothing. ValueError says what is wrong."""

@@ -42,6 +42,17 @@ def lane_queues(settings: Settings, model: str | None = None) -> list[str]:
     return [lane_queue(settings, model, INTERACTIVE), lane_queue(settings, model, BULK)]
 
 
+def message_lists(settings: Settings) -> list[str]:
+    """The Redis lists that hold the messages waiting in every model's lane queues (kombu's
+    Redis transport keeps one list per queue and priority step)."""
+    return [
+        queue + (f"{_PRIORITY_SEP}{step}" if step else "")
+        for model in MODELS
+        for queue in lane_queues(settings, model)
+        for step in _PRIORITY_STEPS
+    ]
+
+
 def create_celery_app(settings: Settings) -> Celery:
     """A Celery app for `settings` (a Redis broker; no result backend: results are in S3).
 
@@ -90,7 +101,7 @@ class CeleryJobQueue:
         self.store = store
         self.app = create_celery_app(settings)
         assert settings.redis_url is not None
-        self._redis = redis_client(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+        self.redis = redis_client(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
 
     def enqueue(self, job_id: str, model: str | None = None, priority: str | None = None) -> None:
         """Send the job to its model's queue in its lane (`priority`). What is not given is read
@@ -124,15 +135,9 @@ class CeleryJobQueue:
         the model queues (not those a worker holds)."""
         if self.store is not None:
             return self.store.count_queued()
-        names = [
-            queue + (f"{_PRIORITY_SEP}{step}" if step else "")
-            for model in MODELS
-            for queue in lane_queues(self.settings, model)
-            for step in _PRIORITY_STEPS
-        ]
         try:
-            pipeline = self._redis.pipeline(transaction=False)
-            for name in names:
+            pipeline = self.redis.pipeline(transaction=False)
+            for name in message_lists(self.settings):
                 pipeline.llen(name)
             return sum(int(length) for length in pipeline.execute())
         except redis.RedisError as error:
@@ -150,7 +155,7 @@ class CeleryJobQueue:
             for lane in (INTERACTIVE, BULK)
         }
         try:
-            pipeline = self._redis.pipeline(transaction=False)
+            pipeline = self.redis.pipeline(transaction=False)
             for lane in names:
                 for name in names[lane]:
                     pipeline.llen(name)
@@ -162,10 +167,10 @@ class CeleryJobQueue:
     def check(self) -> None:
         """Raise StoreUnavailable unless the broker's Redis answers."""
         try:
-            self._redis.ping()
+            self.redis.ping()
         except redis.RedisError as error:
             raise StoreUnavailable(f"cannot reach the queue's Redis: {error}") from error
 
     def close(self) -> None:
-        self._redis.close()
+        self.redis.close()
         self.app.close()

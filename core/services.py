@@ -49,7 +49,7 @@ def build_store(settings: Settings) -> JobStore:
     from core.store_redis import RedisJobStore
 
     assert settings.redis_url is not None
-    return RedisJobStore(settings.redis_url)
+    return RedisJobStore(settings.redis_url, confirm_replicas=settings.redis_confirm_replicas)
 
 
 def build_embedded_queue(settings: Settings) -> SqliteJobQueue:

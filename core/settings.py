@@ -3,6 +3,10 @@
 DALLE_FARM_REDIS_URL          Redis for the queue and job records (redis://, or
                               redis+sentinel://host:26379,.../master-name to follow Sentinel's
                               failovers); unset: embedded mode
+DALLE_FARM_REDIS_CONFIRM_REPLICAS  replicas that must hold a new job before the API answers
+                              202 (Redis WAIT; none confirmed in 2 s answers 503). Default 1
+                              with redis+sentinel:// (a failover drops what the old master
+                              took last), 0 otherwise
 DALLE_FARM_S3_ENDPOINT_URL    S3-compatible endpoint (MinIO, R2, ...); unset: AWS
 DALLE_FARM_S3_PUBLIC_URL      the S3 endpoint as clients reach it, for presigned URLs
                               (default: DALLE_FARM_S3_ENDPOINT_URL)
@@ -89,6 +93,7 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     redis_url: str | None = None
+    redis_confirm_replicas: int = 0
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
     s3_public_url: str | None = None
@@ -162,8 +167,12 @@ class Settings:
                 )
             return value
 
+        redis_url = _redis_url(get("REDIS_URL"))
         return cls(
-            redis_url=_redis_url(get("REDIS_URL")),
+            redis_url=redis_url,
+            redis_confirm_replicas=integer(
+                "REDIS_CONFIRM_REPLICAS", _default_confirm_replicas(redis_url), 0, 16
+            ),
             s3_endpoint_url=get("S3_ENDPOINT_URL"),
             s3_bucket=get("S3_BUCKET"),
             s3_public_url=get("S3_PUBLIC_URL"),
@@ -209,6 +218,13 @@ def _redis_url(value: str | None) -> str | None:
         except ValueError as error:
             raise SettingsError(f"DALLE_FARM_REDIS_URL: {error}") from None
     return value
+
+
+def _default_confirm_replicas(redis_url: str | None) -> int:
+    """One replica confirms new jobs behind sentinels (core/store_redis.create_job)."""
+    from core.redis_url import is_sentinel_url
+
+    return 1 if redis_url is not None and is_sentinel_url(redis_url) else 0
 
 
 def _key_rate(value: str | None) -> str | None:

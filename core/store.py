@@ -61,6 +61,15 @@ class StoreUnavailable(StoreError):
     """The backend cannot be reached."""
 
 
+class NotConfirmed(StoreUnavailable):
+    """The store took `job` but too few replicas confirmed it in time: it is lost if the
+    store fails over now (a failover may be under way), and kept otherwise."""
+
+    def __init__(self, message: str, job: JobRecord) -> None:
+        super().__init__(message)
+        self.job = job
+
+
 class JobNotFound(StoreError):
     """No job has that id."""
 
@@ -142,7 +151,8 @@ class JobStore(Protocol):
         fingerprint returns the first job and created=False; another fingerprint raises
         IdempotencyConflict. With `max_active`, TooManyJobs if the owner already has that many
         jobs queued or running (a replay is answered all the same). Atomic under concurrent
-        calls.
+        calls. NotConfirmed when the store keeps replicas and too few confirmed the new job in
+        time (it may or may not survive).
         """
         ...
 

@@ -61,6 +61,7 @@ from core.store import (
     IdempotencyConflict,
     JobNotFound,
     MetricsSnapshot,
+    NotConfirmed,
     StoreError,
     TooManyJobs,
     check_cursor,
@@ -74,7 +75,7 @@ from core.store import (
     hash_idempotency_key,
     job_id_bound,
 )
-from core.store_redis_base import RedisBackend, redact_url, text
+from core.store_redis_base import CONFIRM_TIMEOUT_MS, RedisBackend, redact_url, text
 from core.store_redis_events import RedisEventLog
 from core.store_redis_keys import RedisKeyStore
 from core.store_redis_lanes import RedisLanes, lane_key
@@ -107,7 +108,8 @@ class RedisJobStore(
 
     `url_or_client`: a redis:// URL (the store opens and closes its own connections) or a
     redis.Redis the caller owns. `worker_alive_s`: how long a worker's heartbeat lives when it
-    gives no ttl_s.
+    gives no ttl_s. `confirm_replicas`: replicas that must confirm a new job (create_job raises
+    NotConfirmed when too few do within CONFIRM_TIMEOUT_MS).
     """
 
     # -- jobs --------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ class RedisJobStore(
             *delivery_fields(record),  # its webhook's delivery, in the same step
         ]
         with self._errors():
-            reply = self._script(CREATE_JOB)(keys=keys, args=args)
+            reply, confirmed = self._run_confirmed(self._script(CREATE_JOB), keys, args)
         outcome = text(reply[0])
         if outcome == "conflict":
             raise IdempotencyConflict(IDEMPOTENCY_CONFLICT)
@@ -170,6 +172,13 @@ class RedisJobStore(
         if created.status is JobStatus.QUEUED:
             with self._errors():
                 created.queue_position = self._positions([(model, lane, created.id)])[0]
+        if not confirmed:
+            raise NotConfirmed(
+                f"Redis at {self.url} took job {created.id}, but fewer than "
+                f"{self.confirm_replicas} replica(s) confirmed it within "
+                f"{CONFIRM_TIMEOUT_MS} ms (a failover may be under way)",
+                created,
+            )
         return created, True
 
     def get_job(self, job_id: str) -> JobRecord | None:

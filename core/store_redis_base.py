@@ -19,6 +19,8 @@ from core.store import StoreUnavailable
 CONNECT_TIMEOUT_S = 5.0
 SOCKET_TIMEOUT_S = 10.0
 HEALTH_CHECK_INTERVAL_S = 15
+# How long a new job waits for its replicas' confirmation (Redis WAIT) before the API gives up.
+CONFIRM_TIMEOUT_MS = 2000
 # Errors Redis answers when it is up but cannot serve: loading, read-only replica, out of memory.
 _OUTAGE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "MISCONF", "OOM", "NOREPLICAS")
 
@@ -27,10 +29,18 @@ class RedisBackend:
     """A connection to the farm's Redis and the key names under `prefix`.
 
     `url_or_client`: a redis:// or redis+sentinel:// URL (the backend opens and closes its own
-    connections) or a redis.Redis the caller owns (and closes).
+    connections) or a redis.Redis the caller owns (and closes). `confirm_replicas`: how many
+    replicas must hold a new job before create_job returns (Settings.redis_confirm_replicas).
     """
 
-    def __init__(self, url_or_client: str | redis.Redis, prefix: str = "dalle-farm") -> None:
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis,
+        prefix: str = "dalle-farm",
+        *,
+        confirm_replicas: int = 0,
+    ) -> None:
+        self.confirm_replicas = confirm_replicas
         if isinstance(url_or_client, str):
             self.url = redact_url(url_or_client)
             # A redis+sentinel:// URL: the master the sentinels name, found again after a
@@ -67,6 +77,23 @@ class RedisBackend:
         if script is None:
             script = self._scripts[source] = self._client.register_script(source)
         return script
+
+    def _run_confirmed(self, script: Script, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
+        """Run `script`, then WAIT on the same connection until self.confirm_replicas replicas
+        hold what it wrote: (its reply, whether they did within CONFIRM_TIMEOUT_MS). A write
+        no replica holds yet is lost if Sentinel promotes a replica now: the old master takes
+        writes until it is demoted, then drops them. Call inside self._errors()."""
+        if not self.confirm_replicas:
+            return script(keys=keys, args=args), True
+        with self._client.pipeline(transaction=False) as pipe:
+            script(keys=keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", self.confirm_replicas, CONFIRM_TIMEOUT_MS)
+            reply, replicas = pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply
+        # WAIT fails too when the master is being demoted (its blocked clients are unblocked).
+        confirmed = not isinstance(replicas, Exception) and int(replicas) >= self.confirm_replicas
+        return reply, confirmed
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

@@ -70,6 +70,34 @@ class RedisLanes(RedisBackend):
             )
         return [text(job_id) for job_id in reply]
 
+    def unfinished_jobs(self) -> list[tuple[str, str, str]]:
+        """(model, lane, id) of every queued or running job: the jobs that should have a
+        message in their model's queue (core/queue_audit.py). A running job's lane, and the
+        lane of a queued job stored before lanes, is interactive."""
+        with self._errors():
+            indexes = [self._key("queued-by-model", model) for model in MODELS]
+            running = self._key("jobs-by-status", "running", "*")
+            indexes += self._client.scan_iter(match=running, count=1000)
+            found = [text(i) for index in indexes for i in self._client.zrange(index, 0, -1)]
+            ids = list(dict.fromkeys(found))  # a job that started meanwhile is in both
+            with self._client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hmget(self._key("job", job_id), "status", MODEL_FIELD, LANE_FIELD)
+                fields: list[list[Any]] = pipe.execute() if ids else []
+        places: list[tuple[str, str, str]] = []
+        for job_id, (status, model, lane) in zip(ids, fields, strict=True):
+            if status is None or text(status) not in ("queued", "running"):  # done meanwhile
+                continue
+            queued = text(status) == "queued" and lane is not None
+            places.append(
+                (
+                    DEFAULT_MODEL if model is None else text(model),
+                    text(lane) if queued else INTERACTIVE,
+                    job_id,
+                )
+            )
+        return places
+
 
 def lane_key(fields: Mapping[Any, Any], job_id: str) -> LanePlace:
     """(model, lane, id) of a job from its hash; lane None for a job stored before lanes."""

@@ -38,8 +38,9 @@ class RedisWorkerRegistry(RedisBackend):
         prefix: str = "dalle-farm",
         *,
         worker_alive_s: float = WORKER_ALIVE_S,
+        confirm_replicas: int = 0,
     ) -> None:
-        super().__init__(url_or_client, prefix)
+        super().__init__(url_or_client, prefix, confirm_replicas=confirm_replicas)
         self._worker_alive_s = check_heartbeat_ttl(worker_alive_s, WORKER_ALIVE_S)
 
     @property

@@ -120,10 +120,14 @@ class SentinelRedis:
     makes the replica the master, as Sentinel does when the master fails."""
 
     def __init__(self, directory: Path) -> None:
-        self.nodes = [RedisServer(directory / "a")]
+        # A replica's first full sync starts at once (not after Redis' default 5 s wait for
+        # more replicas), so that it soon confirms writes.
+        quick_sync = ("--repl-diskless-sync-delay", "0")
+        self.nodes = [RedisServer(directory / "a", extra=quick_sync)]
         self.nodes.append(
             RedisServer(
-                directory / "b", extra=("--replicaof", "127.0.0.1", str(self.nodes[0].port))
+                directory / "b",
+                extra=(*quick_sync, "--replicaof", "127.0.0.1", str(self.nodes[0].port)),
             )
         )
         self.directory = directory
@@ -168,7 +172,11 @@ class SentinelRedis:
         with redis.Redis(port=port, socket_timeout=2) as master:
             info = master.info("replication")
         replica = info.get("slave0")
-        return isinstance(replica, dict) and replica.get("offset") >= info["master_repl_offset"]
+        return (
+            isinstance(replica, dict)
+            and replica.get("state") == "online"
+            and replica.get("offset") >= info["master_repl_offset"]
+        )
 
     def failover(self, pause_ms: int = 3000) -> bool:
         """Promote the replica (SENTINEL FAILOVER) and wait until the sentinel names it, it

@@ -201,6 +201,9 @@ def test_interrupt_is_one_line(models_root: Path, tmp_path: Path) -> None:
          "--image-path", str(tmp_path / "out"), "--progressive"],
         cwd=REPO_ROOT,
         env=cli_env(),
+        # Ctrl-C's default action, even when pytest runs in the background (where a shell
+        # makes its children ignore SIGINT).
+        preexec_fn=_default_sigint,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -268,3 +271,7 @@ def test_ascii_from_image_shape_and_characters() -> None:
     assert ascii_from_image(Image.new("RGB", (256, 256), "white"), size=20) == "\n".join(
         ["X" * 20] * 10
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -614,15 +614,20 @@ SENTINEL_FILE = ROOT / "infra" / "docker-compose.sentinel.yml"
 
 
 def test_the_sentinel_option_fails_over_to_a_replica_the_farm_follows() -> None:
-    """infra/docker-compose.sentinel.yml: a replica of `redis`, three sentinels with a quorum
+    """infra/docker-compose.sentinel.yml: two replicas of `redis`, three sentinels with a quorum
     of two watching it, and the farm's services pointed at the sentinels."""
     text = SENTINEL_FILE.read_text(encoding="utf-8")
     assert referenced_variables(text) <= env_example_documented() | {"REDIS_PASSWORD"}
     overlay = yaml.safe_load(text)
     added = overlay["services"]
-    replica = command_words(added["redis-replica"]["command"])
-    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
-    assert "--masterauth" in replica and "--masterauth" in command_words(added["redis"]["command"])
+    # Two replicas, so that one can be lost or promoted and new jobs are still confirmed on
+    # a replica (DALLE_FARM_REDIS_CONFIRM_REPLICAS is 1 with sentinels).
+    for name in ("redis-replica", "redis-replica-2"):
+        replica = command_words(added[name]["command"])
+        assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+        assert replica[replica.index("--replica-announce-ip") + 1] == name
+        assert "--masterauth" in replica
+    assert "--masterauth" in command_words(added["redis"]["command"])
     sentinels = [name for name in added if name.startswith("sentinel-")]
     assert len(sentinels) == 3
     for name in sentinels:

@@ -1,19 +1,24 @@
-"""Redis with Sentinel (core/redis_url.py): the URL, and the job store and the request counter
-following a failover, on a real master, replica and sentinel (redis-server --sentinel)."""
+"""Redis with Sentinel (core/redis_url.py): the URL; the job store and the request counter
+following a failover; new jobs confirmed on a replica; a lost message sent again by the queue
+audit. On a real master, replica and sentinel (redis-server --sentinel)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from api.app import create_app
 from api.limits import RequestLimiter
 from core.job import JobRecord, JobStatus, grid_key, new_job_id, utc_now
 from core.limits import Rate
+from core.queue_sqlite import SqliteJobQueue
 from core.redis_url import celery_broker, parse_sentinel_url
 from core.services import FarmServices, build_services
 from core.settings import Settings
+from core.storage import LocalStorage
 from core.store_redis import RedisJobStore
 from core.store_redis_base import redact_url
 from tests.farm_helpers import (
@@ -111,6 +116,9 @@ def test_a_failover_in_the_middle_of_a_run_loses_no_job(
             job, _ = services.store.create_job(queued_seed(seed))
             services.queue.enqueue(job.id, model="mini")
             jobs.append(job.id)
+        # A job whose message is lost, as it may be when sent to the old master in the moment
+        # before it is demoted: the worker's queue audit sends it again after the failover.
+        jobs.append(services.store.create_job(queued_seed(6))[0].id)
 
         def started() -> bool:
             return any(_status(services, job_id) != "queued" for job_id in jobs)
@@ -123,7 +131,7 @@ def test_a_failover_in_the_middle_of_a_run_loses_no_job(
 
         wait_for(all_finished, 240, "every job to finish after the failover", 0.2)
         records = [services.store.get_job(job_id) for job_id in jobs]
-        assert [record.status.value for record in records if record] == ["succeeded"] * 6, [
+        assert [record.status.value for record in records if record] == ["succeeded"] * 7, [
             (record.status, record.error) for record in records if record
         ]
         assert all(services.storage.exists(grid_key(job_id)) for job_id in jobs)
@@ -131,6 +139,46 @@ def test_a_failover_in_the_middle_of_a_run_loses_no_job(
         worker.kill_group()
         services.close()
         s3.stop()
+
+
+def test_a_job_no_replica_confirms_is_answered_503_and_a_retry_finds_it(
+    redis_ha: SentinelRedis, tmp_path: Path
+) -> None:
+    """With sentinels, a new job is confirmed on a replica before the 202 (Redis WAIT): a
+    job written to a master that is failing over would otherwise be lost after its 202."""
+    store = RedisJobStore(redis_ha.url, confirm_replicas=1)
+    store.worker_heartbeat("tests", models=["mini"], ttl_s=3600)
+    storage = LocalStorage(tmp_path / "files")
+    storage.ensure_bucket()
+    queue = SqliteJobQueue(tmp_path / "queue.db")
+    app = create_app(Settings(data_dir=tmp_path), store=store, storage=storage, queue=queue)
+    client = app.test_client()
+    owner, secret = store.create_key("alice")
+
+    def submit(key: str) -> Any:
+        headers = {"Authorization": f"Bearer {secret}", "Idempotency-Key": key}
+        return client.post("/v1/jobs", json={"text": "a fox"}, headers=headers)
+
+    try:
+        first = submit("first")
+        assert first.status_code == 202, first.get_json()  # the replica confirmed it
+        redis_ha.nodes[1].kill()  # now nothing can
+        answer = submit("second")
+        assert answer.status_code == 503 and answer.mimetype == "application/problem+json"
+        assert int(answer.headers["Retry-After"]) > 0
+        detail = answer.get_json()["detail"]
+        assert "replica" in detail and "same Idempotency-Key" in detail
+        # No failover came, so the job was kept, and queued in case it would be.
+        kept = [job for job in store.list_jobs(owner.id)[0] if job.id in detail]
+        assert [job.status for job in kept] == [JobStatus.QUEUED]
+        assert queue.depth() == 2
+        redis_ha.nodes[1].start()
+        replay = submit("second")  # the client's retry
+        assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
+        assert replay.get_json()["id"] == kept[0].id
+    finally:
+        queue.close()
+        store.close()
 
 
 def queued_seed(seed: int) -> JobRecord:

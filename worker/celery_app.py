@@ -26,7 +26,8 @@ Delivery guarantees, and why each setting is what it is:
   queue_order_strategy "priority"), so a free job slot takes an interactive job whenever one
   waits. A BulkPromoter thread moves the oldest bulk job to the interactive queue once it has
   waited DALLE_FARM_BULK_MAX_WAIT_S (one at a time); its bulk message, taken later, finds the
-  job running or finished and is dropped by run_job.
+  job running or finished and is dropped by run_job. A QueueAudit thread sends a message
+  again for any unfinished job whose message a Redis failover dropped (core/queue_audit.py).
 - visibility_timeout = DALLE_FARM_VISIBILITY_TIMEOUT_S (default 60): when the whole worker is
   killed, its unacknowledged message stays in Redis, and Redis hands it to another worker after
   this many seconds (plus up to `unacked_restore_interval`), so a vanished worker's job is
@@ -57,6 +58,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +67,7 @@ from celery import Celery, Task, signals
 
 from core.job import JobStatus, utc_now
 from core.lanes import BULK, INTERACTIVE, BulkPromoter
+from core.periodic import Periodic
 from core.presence import WorkerPresence
 from core.queue_celery import TASK_NAME, lane_queue
 from core.queue_celery import create_celery_app as create_queue_app
@@ -262,7 +265,7 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
             unserved_timeout_s=settings.unserved_job_timeout_s,
         ).start()
         _start_webhooks(settings, hostname)
-        _start_promoter(app, settings, models)
+        _start_housekeeping(app, settings, models, hostname)
     log.info("worker %s serves %s", hostname, ", ".join(models) or "no model (see --queues)")
     consumed = app.amqp.queues.consume_from
     if models and consumed is not None and lane_queue(settings, lane=BULK) not in consumed:
@@ -301,36 +304,43 @@ def _on_worker_shutdown(**_: Any) -> None:
         presence.stop()
         presence.store.close()
     _stop_webhooks()
-    _stop_promoter()
+    _stop_housekeeping()
 
 
-# -- promoting overdue bulk jobs (core/lanes.py), on a thread of its own ------------------------
+# -- housekeeping threads: promoting overdue bulk jobs (core/lanes.py) and the queue audit
+# after a Redis failover (core/queue_audit.py) --------------------------------------------------
 
-_promoter: BulkPromoter | None = None
+_housekeeping: list[Periodic] = []
+_housekeeping_closers: list[Callable[[], None]] = []
 
 
-def _start_promoter(app: Celery, settings: Settings, models: list[str]) -> None:
-    global _promoter
+def _start_housekeeping(app: Celery, settings: Settings, models: list[str], name: str) -> None:
     if not models or settings.redis_url is None:
         return
+    from core.queue_audit import QueueAudit
+    from core.queue_celery import message_lists
+    from core.redis_url import redis_client
     from core.store_redis import RedisJobStore
 
-    def send(job_id: str) -> None:
-        app.send_task(TASK_NAME, args=[job_id], queue=lane_queue(settings, lane=INTERACTIVE))
+    def send(job_id: str, model: str | None = None, lane: str = INTERACTIVE) -> None:
+        app.send_task(TASK_NAME, args=[job_id], queue=lane_queue(settings, model, lane))
 
-    _promoter = BulkPromoter(
-        RedisJobStore(settings.redis_url), models, settings.bulk_max_wait_s, send
-    ).start()
+    store = RedisJobStore(settings.redis_url)
+    broker = redis_client(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
+    _housekeeping.extend(
+        [
+            BulkPromoter(store, models, settings.bulk_max_wait_s, send).start(),
+            QueueAudit(store, broker, message_lists(settings), send, name=name).start(),
+        ]
+    )
+    _housekeeping_closers.extend([store.close, broker.close])
 
 
-def _stop_promoter() -> None:
-    global _promoter
-    promoter, _promoter = _promoter, None
-    if promoter is not None:
-        promoter.stop()
-        close = getattr(promoter.store, "close", None)
-        if close is not None:
-            close()
+def _stop_housekeeping() -> None:
+    while _housekeeping:
+        _housekeeping.pop().stop()
+    while _housekeeping_closers:
+        _housekeeping_closers.pop()()
 
 
 # -- webhook deliveries (worker/webhooks.py), on threads of their own ---------------------------

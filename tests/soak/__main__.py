@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     print(report.table())
-    for lost in report.lost_in_failover:
-        print(f"FARM BUG (lost in a Redis failover): {lost}")
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     return 1 if report.problems else 0
