@@ -104,14 +104,20 @@ class QueueAudit(Periodic):
         self.settle_s = settle_s
         self._clock = clock
         self._first_seen: dict[str, float] = {}
+        self._last_error: str | None = None
 
     def run_once(self) -> list[str]:
         """One look: the ids sent again (none unless this worker audited just now)."""
         try:
-            return self.check()
+            resent = self.check()
         except Exception as error:  # Redis failing over: the next round looks again
-            log.warning("could not audit the queue: %s", error)
+            # Said once while it lasts (a Redis that refuses INFO would fill the log).
+            level = logging.DEBUG if str(error) == self._last_error else logging.WARNING
+            log.log(level, "could not audit the queue: %s", error)
+            self._last_error = str(error)
             return []
+        self._last_error = None
+        return resent
 
     def check(self) -> list[str]:
         replid = _text(self.broker.info("replication")["master_replid"])

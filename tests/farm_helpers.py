@@ -12,15 +12,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tests.servers import free_port
+from tests.servers import RedisServer, free_port
 
 if TYPE_CHECKING:  # imported when a server starts: the GPU benchmarks run without moto
     import pytest
+    from flask.testing import FlaskClient
     from moto.server import ThreadedMotoServer
+
+    from core.services import FarmServices
+    from core.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -86,6 +91,65 @@ class S3Server:
         if inner is not None:
             inner.server_close()
         self._server = None
+
+
+@dataclass
+class Backends:
+    """Redis and S3 on loopback, and `env`: the farm's DALLE_FARM_* settings for them."""
+
+    redis_server: RedisServer
+    s3: S3Server
+    env: dict[str, str]
+
+    @property
+    def settings(self) -> Settings:
+        from core.settings import Settings
+
+        return Settings.from_env(self.env)
+
+
+@contextlib.contextmanager
+def loopback_backends(
+    root: Path, models_root: Path, bucket: str, *, appendonly: bool = True, **settings: str
+) -> Iterator[Backends]:
+    """A redis-server and moto's S3 server of the test's own on loopback, for a farm on the
+    model files in `models_root` that stores results in `bucket`; `settings` are more of the
+    farm's (MAX_JOBS="4" for DALLE_FARM_MAX_JOBS). This process uses the test credentials, and
+    no proxy for loopback, meanwhile."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as patch:
+        use_test_aws_credentials(patch)
+        for name in ("NO_PROXY", "no_proxy"):  # HTTP clients here go straight to loopback
+            patch.setenv(name, "127.0.0.1,localhost")
+        redis_server = RedisServer(root / "redis", appendonly=appendonly)
+        redis_server.start()
+        s3 = S3Server()
+        try:
+            s3.start()
+            env = {
+                "DALLE_FARM_REDIS_URL": redis_server.url,
+                "DALLE_FARM_S3_ENDPOINT_URL": s3.url,
+                "DALLE_FARM_S3_BUCKET": bucket,
+                "DALLE_FARM_MODELS_ROOT": str(models_root),
+                **{f"DALLE_FARM_{name}": value for name, value in settings.items()},
+            }
+            yield Backends(redis_server, s3, env)
+        finally:
+            s3.stop()
+            redis_server.kill()
+
+
+def in_process_api(settings: Settings) -> tuple[FarmServices, FlaskClient, str]:
+    """The farm's services for `settings`, Flask's test client of the API on them, and the
+    secret of a new API key "tests"."""
+    from api.app import create_app
+    from core.services import build_services
+
+    services = build_services(settings)
+    app = create_app(settings, store=services.store, storage=services.storage, queue=services.queue)
+    _, secret = services.store.create_key("tests")
+    return services, app.test_client(), secret
 
 
 def subprocess_env(extra: Mapping[str, str]) -> dict[str, str]:

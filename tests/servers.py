@@ -148,6 +148,7 @@ class SentinelRedis:
             f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master} 1\n"
             f"sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000\n"
             f"sentinel failover-timeout {SENTINEL_SERVICE} 5000\n"
+            f"logfile {self.directory / 'sentinel.log'}\n"
         )
         self.sentinel = subprocess.Popen(
             ["redis-server", str(config), "--sentinel"],
@@ -186,17 +187,6 @@ class SentinelRedis:
         behind, and those last writes are then lost, as in a real failover)."""
         before = self.master_port()
         assert before is not None, "the sentinel names no master"
-        with redis.Redis(port=before, socket_timeout=5) as master:
-            self._wait(
-                lambda: master.info("replication").get("slave0", {}).get("state") == "online",
-                "the replica to be online",
-            )
-            master.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
-            deadline = time.monotonic() + pause_ms / 1000
-            while not (synced := self._replicas_synced()) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        with redis.Redis(port=self.sentinel_port, socket_timeout=5) as client:
-            client.execute_command("SENTINEL", "FAILOVER", SENTINEL_SERVICE)
 
         def role(port: int) -> str:
             with redis.Redis(port=port, socket_timeout=2) as client:
@@ -208,8 +198,56 @@ class SentinelRedis:
             port = self.master_port()
             return port not in (None, before) and role(port) == "master" and role(before) == "slave"
 
-        self._wait(switched, "the failover", timeout_s=60)
+        # Once in a long soak a failover the sentinel accepted never happened: it is asked
+        # again once, and a second failure shows the sentinel's log.
+        for attempt in (1, 2):
+            synced = self._pause_and_fail_over(before, pause_ms)
+            try:
+                self._wait(switched, "the failover", timeout_s=30)
+                return synced
+            except RuntimeError as error:
+                if self.master_port() != before:  # under way: give it more time
+                    try:
+                        self._wait(switched, "the failover", timeout_s=30)
+                        return synced
+                    except RuntimeError:
+                        pass
+                if attempt == 2 or self.master_port() != before:
+                    tail = self.log_tail()
+                    raise RuntimeError(f"{error}; the sentinel's log ends:\n{tail}") from None
+        raise AssertionError("unreachable")
+
+    def _pause_and_fail_over(self, master_port: int, pause_ms: int) -> bool:
+        # Sentinel promotes only a replica it has lately seen up and in sync (else NOGOODSLAVE).
+        self._wait(self._sentinel_has_a_good_replica, "the sentinel to see a good replica")
+        with redis.Redis(port=master_port, socket_timeout=5) as master:
+            self._wait(
+                lambda: master.info("replication").get("slave0", {}).get("state") == "online",
+                "the replica to be online",
+            )
+            master.execute_command("CLIENT", "PAUSE", pause_ms, "WRITE")
+            deadline = time.monotonic() + pause_ms / 1000
+            while not (synced := self._replicas_synced()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        with redis.Redis(port=self.sentinel_port, socket_timeout=5) as client:
+            client.execute_command("SENTINEL", "FAILOVER", SENTINEL_SERVICE)
         return synced
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.directory / "sentinel.log"
+        return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else "(none)"
+
+    def _sentinel_has_a_good_replica(self) -> bool:
+        with redis.Redis(port=self.sentinel_port, socket_timeout=2, decode_responses=True) as c:
+            replicas = c.sentinel_slaves(SENTINEL_SERVICE)
+        return any(
+            not replica.get("is_sdown")
+            and not replica.get("is_disconnected")
+            and replica.get("master-link-status") == "ok"
+            # Sentinel asks replicas for INFO every 10 s, and wants an answer under 30 s old.
+            and int(replica.get("info-refresh", 10**9)) < 20000
+            for replica in replicas
+        )
 
     def _wait(self, condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s

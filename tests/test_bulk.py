@@ -35,15 +35,14 @@ from core.settings import Settings
 from tests.farm_helpers import (
     REPO_ROOT,
     FarmProcess,
-    S3Server,
     http,
+    loopback_backends,
     subprocess_env,
-    use_test_aws_credentials,
     wait_for,
     worker_process,
 )
 from tests.fault_proxy import Fault, FaultProxy
-from tests.servers import RedisServer, free_port
+from tests.servers import free_port
 
 BULK_TIMEOUT_S = 600
 START_TIMEOUT_S = 120
@@ -70,21 +69,8 @@ class Farm:
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> Iterator[Farm]:
     root = tmp_path_factory.mktemp("bulk-farm")
-    with pytest.MonkeyPatch.context() as patch:
-        use_test_aws_credentials(patch)
-        patch.setenv("NO_PROXY", "127.0.0.1,localhost")
-        patch.setenv("no_proxy", "127.0.0.1,localhost")
-        redis_server = RedisServer(root / "redis")
-        redis_server.start()
-        s3 = S3Server()
-        s3.start()
-        farm_env = {
-            "DALLE_FARM_REDIS_URL": redis_server.url,
-            "DALLE_FARM_S3_ENDPOINT_URL": s3.url,
-            "DALLE_FARM_S3_BUCKET": "bulk-results",
-            "DALLE_FARM_MODELS_ROOT": str(small_models_root),
-        }
-        env = subprocess_env(farm_env)
+    with loopback_backends(root, small_models_root, "bulk-results") as backends:
+        env = subprocess_env(backends.env)
         port = free_port()
         api = FarmProcess(
             ["api", "--port", str(port), "--workers", "2", "--threads", "8"], env, root / "api.log"
@@ -96,12 +82,10 @@ def farm(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> I
             url = f"http://127.0.0.1:{port}"
             wait_for(lambda: _answers(url), START_TIMEOUT_S, "the API to answer", 0.2)
             worker.wait_for_log("worker(s) ready", START_TIMEOUT_S)
-            yield Farm(url, env, Settings.from_env(farm_env))
+            yield Farm(url, env, backends.settings)
         finally:
             worker.kill_group()
             api.kill_group()
-            s3.stop()
-            redis_server.kill()
 
 
 def _answers(url: str) -> bool:

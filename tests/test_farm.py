@@ -28,7 +28,6 @@ import redis
 from flask.testing import FlaskClient
 from PIL import Image
 
-from api.app import create_app
 from cli.main import CommandError
 from cli.worker import child_for, parse_gpus
 from core.checkpoint import decode_tokens
@@ -41,7 +40,7 @@ from core.job import (
     new_job_id,
     utc_now,
 )
-from core.services import FarmServices, build_services
+from core.services import FarmServices
 from core.settings import Settings
 from core.storage import S3Storage
 from core.store import key_id_from_secret
@@ -51,8 +50,9 @@ from tests.farm_helpers import (
     FarmProcess,
     S3Server,
     http,
+    in_process_api,
+    loopback_backends,
     subprocess_env,
-    use_test_aws_credentials,
     wait_for,
     worker_process,
 )
@@ -166,34 +166,22 @@ class Farm:
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> Iterator[Farm]:
     root = tmp_path_factory.mktemp("farm")
-    with pytest.MonkeyPatch.context() as patch:
-        use_test_aws_credentials(patch)
-        redis_server = RedisServer(root / "redis", appendonly=True)
-        redis_server.start()
-        s3 = S3Server()
-        s3.start()
-        farm_env = {
-            "DALLE_FARM_REDIS_URL": redis_server.url,
-            "DALLE_FARM_S3_ENDPOINT_URL": s3.url,
-            "DALLE_FARM_S3_BUCKET": BUCKET,
-            "DALLE_FARM_MODELS_ROOT": str(small_models_root),
-            "DALLE_FARM_MODEL": "mini",
-            "DALLE_FARM_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S),
-        }
-        settings = Settings.from_env(farm_env)
-        services = build_services(settings)
-        app = create_app(
-            settings, store=services.store, storage=services.storage, queue=services.queue
-        )
-        _, secret = services.store.create_key("tests")
+    with loopback_backends(
+        root,
+        small_models_root,
+        BUCKET,
+        MODEL="mini",
+        VISIBILITY_TIMEOUT_S=str(VISIBILITY_TIMEOUT_S),
+    ) as backends:
+        services, client, secret = in_process_api(backends.settings)
         services.store.worker_heartbeat(MEGA_STAND_IN, models=["mega"], ttl_s=24 * 3600)
         farm = Farm(
-            redis_server=redis_server,
-            s3=s3,
-            env=subprocess_env(farm_env),
-            settings=settings,
+            redis_server=backends.redis_server,
+            s3=backends.s3,
+            env=subprocess_env(backends.env),
+            settings=backends.settings,
             services=services,
-            client=app.test_client(),
+            client=client,
             secret=secret,
             log_dir=root / "logs",
         )
@@ -203,8 +191,6 @@ def farm(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> I
             for worker in farm.workers.values():
                 worker.kill_group()
             services.close()
-            s3.stop()
-            redis_server.kill()
 
 
 def fetch(url: str) -> bytes:

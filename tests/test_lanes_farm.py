@@ -20,18 +20,15 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.app import create_app
 from core.job import JobStatus
-from core.services import FarmServices, build_services
-from core.settings import Settings
+from core.services import FarmServices
 from tests.farm_helpers import (
-    S3Server,
+    in_process_api,
+    loopback_backends,
     subprocess_env,
-    use_test_aws_credentials,
     wait_for,
     worker_process,
 )
-from tests.servers import RedisServer
 
 BULK_JOBS = 200
 # Bulk jobs queued behind the interactive one that are rendered (the rest are canceled).
@@ -77,44 +74,29 @@ class Farm:
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory: pytest.TempPathFactory, small_models_root: Path) -> Iterator[Farm]:
     root = tmp_path_factory.mktemp("lanes-farm")
-    with pytest.MonkeyPatch.context() as patch:
-        use_test_aws_credentials(patch)
-        redis_server = RedisServer(root / "redis", appendonly=False)
-        redis_server.start()
-        s3 = S3Server()
-        s3.start()
-        farm_env = {
-            "DALLE_FARM_REDIS_URL": redis_server.url,
-            "DALLE_FARM_S3_ENDPOINT_URL": s3.url,
-            "DALLE_FARM_S3_BUCKET": "lanes",
-            "DALLE_FARM_MODELS_ROOT": str(small_models_root),
-            "DALLE_FARM_MODEL": "mini",
-            "DALLE_FARM_MAX_JOBS": str(SLOTS),
-            # The order alone is under test here: no bulk job is promoted.
-            "DALLE_FARM_BULK_MAX_WAIT_S": "3600",
-        }
-        settings = Settings.from_env(farm_env)
-        services = build_services(settings)
-        app = create_app(
-            settings, store=services.store, storage=services.storage, queue=services.queue
-        )
-        _, secret = services.store.create_key("tests")
+    # The order alone is under test here: no bulk job is promoted (BULK_MAX_WAIT_S).
+    with loopback_backends(
+        root,
+        small_models_root,
+        "lanes",
+        appendonly=False,
+        MAX_JOBS=str(SLOTS),
+        BULK_MAX_WAIT_S="3600",
+    ) as backends:
+        services, client, secret = in_process_api(backends.settings)
         # Lets the API accept Mini jobs before the worker is up.
         services.store.worker_heartbeat("mini-stand-in@tests", models=["mini"], ttl_s=3600)
-        farm = Farm(
-            services=services,
-            client=app.test_client(),
-            auth={"Authorization": f"Bearer {secret}"},
-            env=subprocess_env(farm_env),
-            log_dir=root / "logs",
-            redis_url=redis_server.url,
-        )
         try:
-            yield farm
+            yield Farm(
+                services=services,
+                client=client,
+                auth={"Authorization": f"Bearer {secret}"},
+                env=subprocess_env(backends.env),
+                log_dir=root / "logs",
+                redis_url=backends.redis_server.url,
+            )
         finally:
             services.close()
-            s3.stop()
-            redis_server.kill()
 
 
 def test_interactive_jobs_start_ahead_of_200_queued_bulk_jobs(farm: Farm) -> None:
