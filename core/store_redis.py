@@ -27,7 +27,7 @@ Keys of this module, under a prefix (default "dalle-farm"):
     {p}:promoted:{model}                 sorted set: the promoted bulk job still queued
                                          (core/lanes.py), scored by when it was promoted
     {p}:status-counts                    hash status → number of jobs
-    {p}:idempotency:{owner}:{key sha256} hash: job_id, fingerprint
+    {p}:idempotency:{owner}:{key sha256} hash: job_id, fingerprint, replays (a count)
     {p}:lease:{job id}                   the worker holding the lease; expires by itself (PX)
     {p}:metrics                          hash: duration buckets, sum and count, images
 
@@ -167,19 +167,23 @@ class RedisJobStore(
             existing = self.get_job(text(reply[1]))
             if existing is None:
                 raise JobNotFound(f"the job of this Idempotency-Key, {text(reply[1])}, is gone")
+            if not confirmed:  # the first request's job may be just as unconfirmed
+                raise self._not_confirmed(existing)
             return existing, False
         created = JobRecord.from_json(record.to_json())
         if created.status is JobStatus.QUEUED:
             with self._errors():
                 created.queue_position = self._positions([(model, lane, created.id)])[0]
         if not confirmed:
-            raise NotConfirmed(
-                f"Redis at {self.url} took job {created.id}, but fewer than "
-                f"{self.confirm_replicas} replica(s) confirmed it within "
-                f"{CONFIRM_TIMEOUT_MS} ms (a failover may be under way)",
-                created,
-            )
+            raise self._not_confirmed(created)
         return created, True
+
+    def _not_confirmed(self, job: JobRecord) -> NotConfirmed:
+        return NotConfirmed(
+            f"Redis at {self.url} holds job {job.id}, but fewer than {self.confirm_replicas} "
+            f"replica(s) confirmed it within {CONFIRM_TIMEOUT_MS} ms (a failover may be under way)",
+            job,
+        )
 
     def get_job(self, job_id: str) -> JobRecord | None:
         """The job, with its queue_position while it is queued."""

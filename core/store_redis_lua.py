@@ -97,6 +97,9 @@ if ARGV[3] == '1' then
     local found = redis.call('HMGET', KEYS[5], 'job_id', 'fingerprint')
     if found[1] then
         if found[2] ~= ARGV[4] then return {'conflict'} end
+        -- A write, so that the caller's WAIT confirms the first job too (replication keeps
+        -- order): it may be a write no replica holds yet, answered again after a 503.
+        redis.call('HINCRBY', KEYS[5], 'replays', 1)
         return {'existing', found[1]}
     end
 end

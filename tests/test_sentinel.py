@@ -172,6 +172,8 @@ def test_a_job_no_replica_confirms_is_answered_503_and_a_retry_finds_it(
         kept = [job for job in store.list_jobs(owner.id)[0] if job.id in detail]
         assert [job.status for job in kept] == [JobStatus.QUEUED]
         assert queue.depth() == 2
+        # Nor is a replay answered from it while unconfirmed: a failover now would drop it.
+        assert submit("second").status_code == 503
         redis_ha.nodes[1].start()
         replay = submit("second")  # the client's retry
         assert replay.status_code == 200 and replay.headers["Idempotent-Replayed"] == "true"
